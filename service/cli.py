@@ -1,0 +1,309 @@
+"""The ``strokeseg`` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service.config import Settings, load_settings
+from service.errors import ConfigError, StrokesegError, StudyRefused
+
+app = typer.Typer(
+    help="strokeseg: acute ischemic stroke lesion segmentation on diffusion MRI, DICOM in, "
+    "DICOM SEG + SR out. Research use only; not for diagnosis.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file (default: $STROKESEG_CONFIG; env STROKESEG_<SECTION>__<KEY> overrides).",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+log = logging.getLogger("strokeseg")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; keep its notices, not its chatter.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    _setup_logging(settings.log_level)
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        # Child processes (the worker started by `serve`) read the same file.
+        os.environ["STROKESEG_CONFIG"] = str(config.resolve())
+    return settings
+
+
+class _ScpProcess:
+    """SCP + study assembler (+ metrics) in this process."""
+
+    def __init__(self, settings: Settings, *, stale_job_after_s: float | None = None) -> None:
+        from service.assemble import StudyAssembler
+        from service.db import Database, JobStore
+        from service.metrics import serve_metrics
+        from service.scp import StorageSCP
+        from service.storage import Spool
+        from service.worker.app import dispatcher
+
+        self.db = Database(settings.database_url)
+        store = JobStore(self.db)
+        self.scp = StorageSCP(
+            ae_title=settings.scp.ae_title,
+            host=settings.scp.host,
+            port=settings.scp.port,
+            spool=Spool(settings.spool_dir),
+            store=store,
+            allowed_calling_aets=settings.scp.allowed_calling_aets,
+            max_associations=settings.scp.max_associations,
+            max_pdu_size=settings.scp.max_pdu_size,
+        )
+        self.assembler = StudyAssembler(
+            store,
+            dispatcher(settings),
+            completion_timeout_s=settings.study.completion_timeout_s,
+            stale_job_after_s=(
+                settings.study.stale_job_after_s if stale_job_after_s is None else stale_job_after_s
+            ),
+        )
+        serve_metrics(settings.metrics.scp_port)
+
+    def start(self) -> None:
+        self.scp.start()
+        self.assembler.start()
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.assembler.stop()
+        self.db.dispose()
+
+
+def _wait_for_signal(extra_check: threading.Event | None = None) -> None:
+    stop = extra_check or threading.Event()
+
+    def _handler(signum: int, _frame: object) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+    while not stop.wait(0.5):
+        pass
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the DICOM SCP and a Celery worker together (embedded default: SQLite, no Redis).
+
+    Ctrl-C stops both. Send studies to AE title scp.ae_title on scp.port.
+    """
+    settings = _settings(config)
+    scp = _ScpProcess(settings, stale_job_after_s=0.0)  # our own worker is not running yet
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"], env=os.environ.copy()
+    )
+    stop = threading.Event()
+
+    def _watch_worker() -> None:
+        worker.wait()
+        if not stop.is_set():
+            log.error("worker process exited with code %s; stopping", worker.returncode)
+            stop.set()
+
+    threading.Thread(target=_watch_worker, daemon=True).start()
+    scp.start()
+    typer.echo(
+        f"strokeseg serving AE {settings.scp.ae_title} on {settings.scp.host}:{scp.scp.port}; "
+        f"spool {settings.spool_dir}; Ctrl-C to stop",
+        err=True,
+    )
+    try:
+        _wait_for_signal(stop)
+    finally:
+        stop.set()
+        scp.stop()
+        if worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    typer.echo("strokeseg stopped", err=True)
+
+
+@app.command()
+def scp(config: ConfigOption = None) -> None:
+    """Run only the DICOM SCP and study assembler (split deployment: Redis/RabbitMQ broker)."""
+    settings = _settings(config)
+    if settings.embedded_broker:
+        log.warning("scp runs with the embedded broker %s; workers must share this host", settings.broker_url)
+    process = _ScpProcess(settings)
+    process.start()
+    try:
+        _wait_for_signal()
+    finally:
+        process.stop()
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
+) -> None:
+    """Run a Celery worker consuming worker.queue (one per GPU; concurrency from config)."""
+    settings = _settings(config)
+    from service.metrics import serve_metrics
+    from service.worker.app import create_worker_app
+
+    celery_app = create_worker_app(settings)
+    serve_metrics(settings.metrics.worker_port)
+    argv = [
+        "worker",
+        "--queues", settings.worker.queue,
+        "--concurrency", str(settings.worker.concurrency),
+        "--pool", pool,
+        "--loglevel", settings.log_level,
+        "--hostname", f"strokeseg-{settings.worker.queue}-{os.getpid()}@%h",
+        "--without-gossip", "--without-mingle",
+    ]
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def segment(
+    input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder of DICOM files (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SEG and SR files.")],
+    model_dir: Annotated[Path | None, typer.Option(help="Model folder (model.onnx + model.yaml).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Segment every study under INPUT_DIR without a network; one line per study.
+
+    Exit code 1 if any study was refused or failed.
+    """
+    settings = _settings(config)
+    from service.inference import load_model
+    from service.intake import group_by_study
+    from service.pipeline import segment_files
+
+    try:
+        model = load_model(model_dir or settings.model_dir, intra_op_threads=settings.worker.intra_op_threads)
+    except StrokesegError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    files = sorted(p for p in input_dir.rglob("*") if p.is_file())
+    studies = group_by_study(files)
+    if not studies:
+        typer.echo(f"error: no DICOM studies under {input_dir}", err=True)
+        raise typer.Exit(1)
+    out.mkdir(parents=True, exist_ok=True)
+    bad = 0
+    for study_uid, paths in sorted(studies.items()):
+        try:
+            result = segment_files(paths, model, out)
+        except StrokesegError as exc:
+            bad += 1
+            if isinstance(exc, StudyRefused):
+                typer.echo(f"{study_uid}\trefused\t{exc.reason}")
+            else:
+                typer.echo(f"{study_uid}\tfailed\t{exc}")
+            continue
+        except Exception as exc:  # report and go on with the next study
+            bad += 1
+            log.exception("study failed")
+            typer.echo(f"{study_uid}\tfailed\tinternal error: {type(exc).__name__}: {exc}")
+            continue
+        typer.echo(f"{study_uid}\tok\t{result.segmentation.lesion_volume_ml:.2f} mL")
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def phantom(
+    output_dir: Annotated[Path, typer.Argument(help="Folder to write case_NNNN/ studies into.")],
+    cases: Annotated[int, typer.Option(min=1, help="Number of studies.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same studies).")] = 0,
+) -> None:
+    """Write synthetic DWI studies (b0, b1000, ADC) with ground-truth lesion masks."""
+    from models.synth import write_phantom_cases
+
+    for path in write_phantom_cases(output_dir, cases, seed):
+        typer.echo(str(path))
+
+
+@app.command()
+def jobs(
+    config: ConfigOption = None,
+    limit: Annotated[int, typer.Option(help="How many of the newest jobs.")] = 50,
+) -> None:
+    """List jobs: id, state, reason, lesion volume, timings."""
+    settings = _settings(config)
+    from service.db import Database, JobStore
+
+    store = JobStore(Database(settings.database_url))
+    typer.echo("id\tstate\tvolume_ml\tcreated_utc\tfinished_utc\tstudy\treason")
+    for job in store.jobs(limit=limit):
+        volume = f"{job.lesion_volume_ml:.2f}" if job.lesion_volume_ml is not None else "-"
+        finished = job.finished_at.isoformat(timespec="seconds") if job.finished_at else "-"
+        typer.echo(
+            f"{job.id}\t{job.state.value}\t{volume}\t{job.created_at.isoformat(timespec='seconds')}"
+            f"\t{finished}\t{job.study_instance_uid}\t{job.reason}"
+        )
+
+
+@app.command()
+def retry(job_id: int, config: ConfigOption = None) -> None:
+    """Queue a failed job again (re-runs inference and delivery)."""
+    settings = _settings(config)
+    from service.db import Database, JobStore
+    from service.worker.app import dispatcher
+
+    store = JobStore(Database(settings.database_url))
+    if not store.retry(job_id):
+        typer.echo(f"job {job_id} is not in state failed; nothing to retry", err=True)
+        raise typer.Exit(1)
+    dispatcher(settings)(job_id)
+    typer.echo(f"job {job_id} queued")
+
+
+@app.command("db-upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Create or migrate the database schema (alembic) and exit."""
+    settings = _settings(config)
+    from service.db import Database
+
+    Database(settings.database_url).dispose()
+    typer.echo("database schema is up to date")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

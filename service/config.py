@@ -1,0 +1,136 @@
+"""Typed settings: a YAML file plus ``STROKESEG_<SECTION>__<KEY>`` environment overrides.
+
+Precedence (highest first): explicit keyword arguments, environment variables,
+the YAML file (``--config`` or ``STROKESEG_CONFIG``), defaults.  Defaults give
+the embedded deployment: SQLite database, a server-less Celery broker on
+SQLite, the bundled model, all under ``spool_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from service.errors import ConfigError
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.1.0"
+
+_config_file: ContextVar[Path | None] = ContextVar("strokeseg_config_file", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScpSettings(_Section):
+    ae_title: str = "STROKESEG"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list, description="Empty: accept any calling AE title."
+    )
+    max_associations: int = Field(10, ge=1)
+    max_pdu_size: int = Field(0, ge=0, description="0 = unlimited (fastest receive).")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae(cls, value: str) -> str:
+        if not 0 < len(value.strip()) <= 16 or "\\" in value:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return value.strip()
+
+
+class StudySettings(_Section):
+    completion_timeout_s: float = Field(10.0, gt=0, description="Idle time that closes a study.")
+    stale_job_after_s: float = Field(
+        900.0, gt=0, description="A running job older than this is re-queued on start."
+    )
+
+
+class Destination(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class WorkerSettings(_Section):
+    queue: str = "gpu"
+    concurrency: int = Field(1, ge=1)
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = library default.")
+
+
+class MetricsSettings(_Section):
+    scp_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the SCP; 0 = off.")
+    worker_port: int = Field(0, ge=0, le=65535, description="Prometheus port of a worker; 0 = off.")
+
+
+class Settings(BaseSettings):
+    """Everything a strokeseg process can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STROKESEG_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    scp: ScpSettings = Field(default_factory=ScpSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    spool_dir: Path = Path("var/strokeseg")
+    database_url: str = ""
+    broker_url: str = ""
+    model_dir: Path = BUNDLED_MODEL_DIR
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        self.spool_dir = self.spool_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.spool_dir / 'strokeseg.sqlite'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.spool_dir / 'broker.sqlite'}"
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith(("sqla+sqlite", "filesystem", "memory"))
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: object) -> Settings:
+    """Settings from ``config_file`` (or ``$STROKESEG_CONFIG``), the environment and overrides."""
+    path = config_file or os.environ.get("STROKESEG_CONFIG") or None
+    resolved = Path(path).expanduser().resolve() if path else None
+    if resolved is not None and not resolved.is_file():
+        raise ConfigError(f"config file not found: {resolved}")
+    token = _config_file.set(resolved)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    finally:
+        _config_file.reset(token)

@@ -1,0 +1,6 @@
+"""Job database: SQLAlchemy models, migrations (alembic) and the JobStore."""
+
+from service.db.session import Database, upgrade_schema
+from service.db.store import JobStore, JobSummary
+
+__all__ = ["Database", "JobStore", "JobSummary", "upgrade_schema"]

@@ -1,0 +1,120 @@
+"""SQLAlchemy tables: received instances, studies, jobs with their state history, deliveries.
+
+The database is the source of truth for job state: brokers may lose or repeat
+messages, the DB decides what has been done.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    """Naive UTC: every timestamp in the database is UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+UID = String(64)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    study_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        UID, ForeignKey("studies.study_instance_uid"), index=True
+    )
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        UID, ForeignKey("studies.study_instance_uid"), index=True
+    )
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lesion_volume_ml: Mapped[float | None] = mapped_column(Float)
+    model_name: Mapped[str] = mapped_column(String(64), default="")
+    model_version: Mapped[str] = mapped_column(String(32), default="")
+    result_dir: Mapped[str] = mapped_column(Text, default="")
+
+    events: Mapped[list[JobEvent]] = relationship(
+        back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"
+    )
+    deliveries: Mapped[list[Delivery]] = relationship(
+        back_populates="job", order_by="Delivery.id", cascade="all, delete-orphan"
+    )
+
+
+class JobEvent(Base):
+    """Every state a job went through, with when and why."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="events")
+
+
+class Delivery(Base):
+    """One C-STORE of one result object to one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_job_destination", "job_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16))  # "stored" | "failed"
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")

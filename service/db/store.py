@@ -1,0 +1,313 @@
+"""JobStore: the one writer of instances, studies, job states and deliveries.
+
+Every state change goes through :meth:`JobStore.transition`, which also appends
+a :class:`JobEvent`, so each job's history (with timestamps and reasons) is
+complete.  Claims are compare-and-set updates, so a job delivered twice by the
+broker runs once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from service.db.models import Delivery, Instance, Job, JobEvent, Study, utcnow
+from service.db.session import Database
+from service.domain import JobState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSummary:
+    id: int
+    study_instance_uid: str
+    state: JobState
+    reason: str
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    lesion_volume_ml: float | None
+    instances: int
+
+
+def _summary(job: Job, instances: int = 0) -> JobSummary:
+    return JobSummary(
+        id=job.id,
+        study_instance_uid=job.study_instance_uid,
+        state=JobState(job.state),
+        reason=job.reason,
+        created_at=job.created_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        lesion_volume_ml=job.lesion_volume_ml,
+        instances=instances,
+    )
+
+
+class JobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- receive -----------------------------------------------------------------
+    def record_instance(
+        self,
+        *,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        path: str,
+        size_bytes: int,
+        calling_ae_title: str,
+    ) -> int:
+        """Record (or replace) a received instance and open a job for its study.
+
+        Returns the id of the study's open (``received``) job.  An instance that
+        arrives after the study's job was queued opens a new job, so late images
+        are processed (as a new result version) rather than dropped.
+        """
+        for attempt in range(3):
+            try:
+                return self._record_instance(
+                    study_instance_uid=study_instance_uid,
+                    series_instance_uid=series_instance_uid,
+                    sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=sop_class_uid,
+                    path=path,
+                    size_bytes=size_bytes,
+                    calling_ae_title=calling_ae_title,
+                )
+            except IntegrityError:
+                # Two associations inserted the same new study/instance at once.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record_instance(
+        self,
+        *,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        path: str,
+        size_bytes: int,
+        calling_ae_title: str,
+    ) -> int:
+        now = utcnow()
+        with self.db.session() as s:
+            study = s.get(Study, study_instance_uid, with_for_update=True)
+            if study is None:
+                study = Study(
+                    study_instance_uid=study_instance_uid,
+                    first_received_at=now,
+                    last_received_at=now,
+                    calling_ae_title=calling_ae_title,
+                )
+                s.add(study)
+                s.flush()
+            else:
+                study.last_received_at = now
+            instance = s.get(Instance, sop_instance_uid)
+            if instance is None:
+                s.add(
+                    Instance(
+                        sop_instance_uid=sop_instance_uid,
+                        study_instance_uid=study_instance_uid,
+                        series_instance_uid=series_instance_uid,
+                        sop_class_uid=sop_class_uid,
+                        path=path,
+                        size_bytes=size_bytes,
+                        received_at=now,
+                        calling_ae_title=calling_ae_title,
+                    )
+                )
+            else:
+                instance.study_instance_uid = study_instance_uid
+                instance.series_instance_uid = series_instance_uid
+                instance.sop_class_uid = sop_class_uid
+                instance.path = path
+                instance.size_bytes = size_bytes
+                instance.received_at = now
+                instance.calling_ae_title = calling_ae_title
+            job = s.scalars(
+                select(Job).where(
+                    Job.study_instance_uid == study_instance_uid,
+                    Job.state == JobState.RECEIVED.value,
+                )
+            ).first()
+            if job is None:
+                job = Job(
+                    study_instance_uid=study_instance_uid,
+                    state=JobState.RECEIVED.value,
+                    reason="",
+                    created_at=now,
+                    updated_at=now,
+                    attempts=0,
+                    model_name="",
+                    model_version="",
+                    result_dir="",
+                )
+                s.add(job)
+                s.flush()
+                s.add(JobEvent(job_id=job.id, state=JobState.RECEIVED.value, reason="", at=now))
+            return job.id
+
+    def instance_paths(self, study_instance_uid: str) -> list[str]:
+        with self.db.session() as s:
+            return list(
+                s.scalars(
+                    select(Instance.path)
+                    .where(Instance.study_instance_uid == study_instance_uid)
+                    .order_by(Instance.path)
+                )
+            )
+
+    # -- assemble ----------------------------------------------------------------
+    def complete_studies(self, idle_s: float) -> list[int]:
+        """Move ``received`` jobs whose study was idle for ``idle_s`` to ``queued``."""
+        cutoff = utcnow() - timedelta(seconds=idle_s)
+        with self.db.session() as s:
+            ids = list(
+                s.scalars(
+                    select(Job.id)
+                    .join(Study, Study.study_instance_uid == Job.study_instance_uid)
+                    .where(Job.state == JobState.RECEIVED.value, Study.last_received_at <= cutoff)
+                    .order_by(Job.id)
+                )
+            )
+        return [i for i in ids if self.transition(i, JobState.QUEUED, expect=(JobState.RECEIVED,))]
+
+    def jobs_to_requeue(self, stale_after_s: float) -> list[int]:
+        """Queued jobs (their message may be lost) and running jobs older than ``stale_after_s``.
+
+        Running ones are moved back to ``queued``.  Called at start-up, so a
+        restart never loses a received-but-unprocessed study.
+        """
+        cutoff = utcnow() - timedelta(seconds=stale_after_s)
+        with self.db.session() as s:
+            stale = list(
+                s.scalars(
+                    select(Job.id).where(
+                        Job.state == JobState.RUNNING.value, Job.started_at <= cutoff
+                    )
+                )
+            )
+        for job_id in stale:
+            self.transition(job_id, JobState.QUEUED, "re-queued after restart", expect=(JobState.RUNNING,))
+        with self.db.session() as s:
+            return list(
+                s.scalars(
+                    select(Job.id).where(Job.state == JobState.QUEUED.value).order_by(Job.id)
+                )
+            )
+
+    # -- state machine ----------------------------------------------------------
+    def transition(
+        self,
+        job_id: int,
+        state: JobState | str,
+        reason: str = "",
+        *,
+        expect: Sequence[JobState] | None = None,
+        **fields: object,
+    ) -> bool:
+        """Set a job's state (compare-and-set on ``expect``); False if it was not in ``expect``."""
+        state = JobState(state)
+        now = utcnow()
+        values: dict[str, object] = {"state": state.value, "reason": reason, "updated_at": now}
+        if state is JobState.QUEUED:
+            values["queued_at"] = now
+        elif state is JobState.RUNNING:
+            values["started_at"] = now
+        elif state.is_final:
+            values["finished_at"] = now
+        values.update(fields)
+        with self.db.session() as s:
+            stmt = update(Job).where(Job.id == job_id)
+            if expect is not None:
+                stmt = stmt.where(Job.state.in_([JobState(e).value for e in expect]))
+            if state is JobState.RUNNING:
+                stmt = stmt.values(attempts=Job.attempts + 1)
+            result = s.execute(stmt.values(**values))
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            s.add(JobEvent(job_id=job_id, state=state.value, reason=reason, at=now))
+        return True
+
+    def claim(self, job_id: int) -> bool:
+        """queued -> running, once; False when another worker has it or it is done."""
+        return self.transition(job_id, JobState.RUNNING, expect=(JobState.QUEUED,))
+
+    def retry(self, job_id: int) -> bool:
+        """Put a failed job back in the queue (operator action)."""
+        return self.transition(job_id, JobState.QUEUED, "retry requested", expect=(JobState.FAILED,))
+
+    # -- deliver -----------------------------------------------------------------
+    def record_delivery(
+        self,
+        job_id: int,
+        *,
+        destination: str,
+        kind: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        path: str,
+        status: str,
+        status_code: int | None,
+        detail: str = "",
+    ) -> None:
+        with self.db.session() as s:
+            s.add(
+                Delivery(
+                    job_id=job_id,
+                    destination=destination,
+                    kind=kind,
+                    sop_class_uid=sop_class_uid,
+                    sop_instance_uid=sop_instance_uid,
+                    path=path,
+                    status=status,
+                    status_code=status_code,
+                    detail=detail,
+                    at=utcnow(),
+                )
+            )
+
+    # -- read ---------------------------------------------------------------------
+    def job(self, job_id: int) -> JobSummary | None:
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return None
+            count = s.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.study_instance_uid == job.study_instance_uid)
+            )
+            return _summary(job, int(count or 0))
+
+    def jobs(self, *, limit: int = 50, study_instance_uid: str | None = None) -> list[JobSummary]:
+        with self.db.session() as s:
+            stmt = select(Job).order_by(Job.id.desc()).limit(limit)
+            if study_instance_uid:
+                stmt = stmt.where(Job.study_instance_uid == study_instance_uid)
+            return [_summary(j) for j in s.scalars(stmt)]
+
+    def events(self, job_id: int) -> list[tuple[str, str, datetime]]:
+        with self.db.session() as s:
+            rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            return [(e.state, e.reason, e.at) for e in rows]
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))

@@ -1,0 +1,154 @@
+"""Frozen values passed between pipeline stages, and the job state machine.
+
+Every stage takes and returns these types; none of them imports another stage.
+Geometry is kept in DICOM patient coordinates (LPS, millimetres) so that the
+segmentation we write lands exactly on the source images and volumes in mL
+are exact.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+Vector3 = tuple[float, float, float]
+
+
+class JobState(enum.StrEnum):
+    """Life cycle of one processing job for one study.
+
+    received -> queued -> running -> delivered | failed | refused.
+    ``failed`` may be retried (delivery or infrastructure problem);
+    ``refused`` is final for that input (the study cannot be processed).
+    """
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobState.DELIVERED, JobState.FAILED, JobState.REFUSED)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ImageVolume:
+    """A 3-D scalar image on a regular grid in patient coordinates.
+
+    ``voxels`` has shape (slices, rows, columns).  ``origin`` is the
+    ImagePositionPatient (centre of the first voxel) of slice 0;
+    ``row_cosine``/``column_cosine`` are ImageOrientationPatient[0:3]/[3:6]
+    (direction of increasing column / row index); ``slice_cosine`` is the unit
+    vector along which the slice index increases.  ``pixel_spacing`` is in
+    DICOM order (between rows, between columns).
+    """
+
+    voxels: npt.NDArray[np.float32]
+    origin: Vector3
+    row_cosine: Vector3
+    column_cosine: Vector3
+    slice_cosine: Vector3
+    pixel_spacing: tuple[float, float]
+    slice_spacing: float
+
+    def __post_init__(self) -> None:
+        if self.voxels.ndim != 3:
+            raise ValueError(f"voxels must be 3-D (slices, rows, columns), got {self.voxels.shape}")
+        if min(self.pixel_spacing) <= 0 or self.slice_spacing <= 0:
+            raise ValueError("spacings must be positive")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        s = self.voxels.shape
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (1 mL = 1000 mm3)."""
+        return self.pixel_spacing[0] * self.pixel_spacing[1] * self.slice_spacing / 1000.0
+
+    def with_voxels(self, voxels: npt.NDArray[np.float32]) -> ImageVolume:
+        """The same grid carrying other values (e.g. a probability map)."""
+        if voxels.shape != self.voxels.shape:
+            raise ValueError(f"shape {voxels.shape} does not match grid {self.voxels.shape}")
+        return ImageVolume(
+            voxels=voxels,
+            origin=self.origin,
+            row_cosine=self.row_cosine,
+            column_cosine=self.column_cosine,
+            slice_cosine=self.slice_cosine,
+            pixel_spacing=self.pixel_spacing,
+            slice_spacing=self.slice_spacing,
+        )
+
+    def affine(self) -> npt.NDArray[np.float64]:
+        """4x4 matrix mapping (column, row, slice, 1) indices to patient mm."""
+        m = np.eye(4)
+        m[:3, 0] = np.asarray(self.row_cosine) * self.pixel_spacing[1]
+        m[:3, 1] = np.asarray(self.column_cosine) * self.pixel_spacing[0]
+        m[:3, 2] = np.asarray(self.slice_cosine) * self.slice_spacing
+        m[:3, 3] = self.origin
+        return m
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFrame:
+    """One source image (or one frame of a multi-frame object) behind a slice."""
+
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame_number: int | None = None  # 1-based, for multi-frame objects
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DiffusionStudy:
+    """What inference needs of one study: the high-b trace DWI and the ADC map.
+
+    ``adc`` lies on exactly the DWI grid, in units of 1e-6 mm2/s.
+    ``dwi_sources[i]`` is the source image of ``dwi.voxels[i]``.
+    """
+
+    study_instance_uid: str
+    dwi: ImageVolume
+    b_value: float
+    adc: ImageVolume
+    dwi_sources: tuple[SourceFrame, ...]
+    frame_of_reference_uid: str
+    manufacturer: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.adc.shape != self.dwi.shape:
+            raise ValueError("ADC must be resampled onto the DWI grid")
+        if len(self.dwi_sources) != self.dwi.shape[0]:
+            raise ValueError("one source frame per DWI slice is required")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LesionSegmentation:
+    """The model's answer on the native DWI grid."""
+
+    mask: npt.NDArray[np.bool_]
+    probability: npt.NDArray[np.float32]
+    lesion_volume_ml: float
+    model_name: str
+    model_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultObject:
+    """A DICOM object we produced, on disk, ready for delivery."""
+
+    kind: str  # "SEG" | "SR" | ...
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str

@@ -1,0 +1,86 @@
+"""The model card: what a bundled model expects and what it was measured to do.
+
+A :class:`ModelCard` that exists is valid: it is parsed with ``extra="forbid"``
+from ``model.yaml`` beside ``model.onnx``, and the ONNX file's SHA-256 must
+match the card, so a service never runs a model other than the one described.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.errors import ModelError
+from service.preprocess import DEFAULT_PROFILE, PROFILES, ModelGrid
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInputSpec(_Strict):
+    name: str = "image"
+    layout: str = "slices,channels,rows,columns"
+    channels: tuple[str, ...] = ("dwi", "adc")
+    matrix: tuple[int, int] = (128, 128)
+    pixel_spacing_mm: tuple[float, float] = (1.8, 1.8)
+
+
+class ModelOutputSpec(_Strict):
+    name: str = "probability"
+    activation: str = "sigmoid"
+
+
+class ModelCard(_Strict):
+    name: str
+    version: str
+    description: str = ""
+    architecture: str = ""
+    file: str = "model.onnx"
+    sha256: str | None = None
+    opset: int | None = None
+    input: ModelInputSpec = Field(default_factory=ModelInputSpec)
+    output: ModelOutputSpec = Field(default_factory=ModelOutputSpec)
+    preprocessing_profile: str = DEFAULT_PROFILE
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    intended_use: str = "Research use only. Not for diagnosis."
+    training_data: str = ""
+    reproduce: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def grid(self) -> ModelGrid:
+        return ModelGrid(matrix=self.input.matrix, pixel_spacing_mm=self.input.pixel_spacing_mm)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model_card(model_dir: Path) -> ModelCard:
+    """Read and check ``model_dir/model.yaml`` and the model file it names."""
+    card_path = model_dir / "model.yaml"
+    if not card_path.is_file():
+        raise ModelError(f"no model card at {card_path}")
+    try:
+        card = ModelCard.model_validate(yaml.safe_load(card_path.read_text()))
+    except Exception as exc:
+        raise ModelError(f"invalid model card {card_path}: {exc}") from exc
+    if tuple(card.input.channels) != ("dwi", "adc"):
+        raise ModelError(f"model expects channels {card.input.channels}, service provides dwi, adc")
+    if card.preprocessing_profile not in PROFILES:
+        raise ModelError(f"model card names unknown preprocessing profile {card.preprocessing_profile}")
+    model_path = model_dir / card.file
+    if not model_path.is_file():
+        raise ModelError(f"model file missing: {model_path}")
+    if card.sha256 and sha256_of(model_path) != card.sha256:
+        raise ModelError(f"model file {model_path} does not match the SHA-256 in its card")
+    return card

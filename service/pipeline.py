@@ -1,0 +1,183 @@
+"""The one place that wires the stages: assemble -> preprocess -> infer -> derive -> deliver.
+
+Used by the Celery task (:func:`run_job`) and by ``strokeseg segment``
+(:func:`segment_files`), so the network path and the offline path are the
+same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from service import metrics
+from service.config import Settings
+from service.db import Database, JobStore
+from service.deliver import StoreOutcome, store_objects
+from service.derive import AlgorithmInfo, write_results
+from service.domain import DiffusionStudy, JobState, LesionSegmentation, ResultObject
+from service.errors import DeliveryError, StudyRefused
+from service.inference import LoadedModel, cached_model, segment_lesion
+from service.intake import load_study
+from service.storage import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StudyResult:
+    study: DiffusionStudy
+    segmentation: LesionSegmentation
+    objects: list[ResultObject]
+    inference_s: float
+
+
+def algorithm_of(model: LoadedModel) -> AlgorithmInfo:
+    return AlgorithmInfo(name=model.card.name, version=model.card.version)
+
+
+def segment_files(paths: Sequence[Path], model: LoadedModel, out_dir: Path) -> StudyResult:
+    """Segment one study's files and write SEG + SR into ``out_dir``.
+
+    Raises :class:`StudyRefused` (with its reason) when the input is unusable.
+    """
+    study = load_study(paths)
+    started = time.perf_counter()
+    segmentation = segment_lesion(study, model)
+    inference_s = time.perf_counter() - started
+    metrics.INFERENCE_SECONDS.labels(model=model.card.name, provider=model.provider).observe(
+        inference_s
+    )
+    objects = write_results(
+        [frame.path for frame in study.dwi_sources],
+        segmentation.mask,
+        segmentation.lesion_volume_ml,
+        algorithm_of(model),
+        out_dir,
+    )
+    return StudyResult(study, segmentation, objects, inference_s)
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process holds: settings, DB, spool and the warm model."""
+
+    settings: Settings
+    db: Database
+    store: JobStore
+    spool: Spool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        db = Database(settings.database_url)
+        return cls(settings=settings, db=db, store=JobStore(db), spool=Spool(settings.spool_dir))
+
+    def model(self) -> LoadedModel:
+        return cached_model(
+            self.settings.model_dir, intra_op_threads=self.settings.worker.intra_op_threads
+        )
+
+
+def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> list[str]:
+    """Send to every destination; returns the list of problems (empty = all stored)."""
+    problems: list[str] = []
+    for destination in ctx.settings.destinations:
+        try:
+            outcomes: list[StoreOutcome] = store_objects(
+                destination, objects, calling_ae_title=ctx.settings.scp.ae_title
+            )
+        except DeliveryError as exc:
+            problems.append(str(exc))
+            for obj in objects:
+                ctx.store.record_delivery(
+                    job_id,
+                    destination=destination.name,
+                    kind=obj.kind,
+                    sop_class_uid=obj.sop_class_uid,
+                    sop_instance_uid=obj.sop_instance_uid,
+                    path=str(obj.path),
+                    status="failed",
+                    status_code=None,
+                    detail=str(exc),
+                )
+            metrics.DELIVERIES.labels(destination=destination.name, status="failed").inc(
+                len(objects)
+            )
+            continue
+        for outcome in outcomes:
+            status = "stored" if outcome.stored else "failed"
+            ctx.store.record_delivery(
+                job_id,
+                destination=destination.name,
+                kind=outcome.obj.kind,
+                sop_class_uid=outcome.obj.sop_class_uid,
+                sop_instance_uid=outcome.obj.sop_instance_uid,
+                path=str(outcome.obj.path),
+                status=status,
+                status_code=outcome.status_code,
+                detail=outcome.detail,
+            )
+            metrics.DELIVERIES.labels(destination=destination.name, status=status).inc()
+            if not outcome.stored:
+                problems.append(
+                    f"destination {destination.name}: {outcome.obj.kind} not stored ({outcome.detail})"
+                )
+    return problems
+
+
+def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
+    """Process one queued job to a final state; None if another worker has it."""
+    extra = {"job_id": job_id}
+    if not ctx.store.claim(job_id):
+        log.info("job %d is not queued (already taken or finished); skipping", job_id, extra=extra)
+        return None
+    started = time.perf_counter()
+    summary = ctx.store.job(job_id)
+    assert summary is not None
+    try:
+        paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
+        model = ctx.model()
+        result = segment_files(paths, model, ctx.spool.result_dir(job_id))
+    except StudyRefused as exc:
+        log.warning("job %d refused: %s", job_id, exc.reason, extra=extra)
+        ctx.store.transition(job_id, JobState.REFUSED, exc.reason)
+        metrics.REFUSALS.labels(reason=exc.reason).inc()
+        metrics.JOBS_FINISHED.labels(state=JobState.REFUSED.value).inc()
+        return JobState.REFUSED
+    except Exception as exc:
+        log.exception("job %d failed during processing", job_id, extra=extra)
+        ctx.store.transition(job_id, JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        metrics.JOBS_FINISHED.labels(state=JobState.FAILED.value).inc()
+        return JobState.FAILED
+    finally:
+        metrics.JOB_SECONDS.observe(time.perf_counter() - started)
+
+    fields = {
+        "lesion_volume_ml": result.segmentation.lesion_volume_ml,
+        "model_name": result.segmentation.model_name,
+        "model_version": result.segmentation.model_version,
+        "result_dir": str(ctx.spool.result_dir(job_id)),
+    }
+    log.info(
+        "job %d: lesion volume %.2f mL (inference %.2f s)",
+        job_id, result.segmentation.lesion_volume_ml, result.inference_s, extra=extra,
+    )
+    if not ctx.settings.destinations:
+        reason = "no destinations configured; results kept in the spool"
+        log.warning("job %d: %s", job_id, reason, extra=extra)
+        ctx.store.transition(job_id, JobState.DELIVERED, reason, **fields)
+        metrics.JOBS_FINISHED.labels(state=JobState.DELIVERED.value).inc()
+        return JobState.DELIVERED
+    problems = _deliver(ctx, job_id, result.objects)
+    if problems:
+        reason = "; ".join(problems)
+        log.warning("job %d delivery failed: %s", job_id, reason, extra=extra)
+        ctx.store.transition(job_id, JobState.FAILED, f"delivery failed: {reason}", **fields)
+        metrics.JOBS_FINISHED.labels(state=JobState.FAILED.value).inc()
+        return JobState.FAILED
+    ctx.store.transition(job_id, JobState.DELIVERED, "", **fields)
+    metrics.JOBS_FINISHED.labels(state=JobState.DELIVERED.value).inc()
+    return JobState.DELIVERED

@@ -1,0 +1,162 @@
+"""The DICOM SCP: C-ECHO and C-STORE of MR images into the durable spool.
+
+Handlers never raise and never run inference: they write the received bytes
+to the spool (fsync'd), record the instance in the database, and only then
+answer Success.  Anything that prevents that answers a failure status, so the
+sender keeps its copy and can retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    EnhancedMRImageStorage,
+    MRImageStorage,
+    Verification,
+)
+
+from service import metrics
+from service.db import JobStore
+from service.storage import Spool
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES = (MRImageStorage, EnhancedMRImageStorage)
+
+# C-STORE status codes (PS3.4 Annex B.2.3, GG.4).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class StoreHandler:
+    """Persist one C-STORE request; returns a status code, never raises."""
+
+    spool: Spool
+    store: JobStore
+
+    def __call__(self, event: Any) -> int:
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        try:
+            ds: Dataset = event.dataset
+            study_uid = str(ds.StudyInstanceUID)
+            series_uid = str(ds.SeriesInstanceUID)
+            sop_uid = str(ds.SOPInstanceUID)
+        except Exception as exc:  # a dataset pydicom cannot decode
+            log.warning(
+                "C-STORE from %s refused: cannot parse dataset (%s)", calling_ae, type(exc).__name__
+            )
+            metrics.STORE_FAILURES.labels(status=hex(CANNOT_UNDERSTAND)).inc()
+            return CANNOT_UNDERSTAND
+        request_sop = str(event.request.AffectedSOPInstanceUID)
+        if sop_uid != request_sop or not study_uid or not series_uid:
+            log.warning(
+                "C-STORE from %s refused: dataset UIDs do not match the request", calling_ae
+            )
+            metrics.STORE_FAILURES.labels(status=hex(DATASET_DOES_NOT_MATCH_SOP_CLASS)).inc()
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS
+        try:
+            data = event.encoded_dataset()
+            path = self.spool.store_instance(study_uid, series_uid, sop_uid, data)
+            self.store.record_instance(
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=str(event.request.AffectedSOPClassUID),
+                path=str(path),
+                size_bytes=len(data),
+                calling_ae_title=calling_ae,
+            )
+        except Exception:
+            log.exception("C-STORE from %s could not be persisted; answering failure", calling_ae)
+            metrics.STORE_FAILURES.labels(status=hex(OUT_OF_RESOURCES)).inc()
+            return OUT_OF_RESOURCES
+        metrics.INSTANCES_RECEIVED.labels(sop_class=str(event.request.AffectedSOPClassUID)).inc()
+        metrics.INSTANCE_BYTES.inc(len(data))
+        return SUCCESS
+
+
+def handle_echo(event: Any) -> int:
+    return SUCCESS
+
+
+def build_ae(
+    ae_title: str,
+    *,
+    allowed_calling_aets: list[str] | None = None,
+    max_associations: int = 10,
+    max_pdu_size: int = 0,
+) -> AE:
+    """An AE accepting Verification and MR storage, optionally only from listed callers."""
+    ae = AE(ae_title=ae_title)
+    ae.maximum_associations = max_associations
+    ae.maximum_pdu_size = max_pdu_size
+    ae.require_called_aet = True
+    if allowed_calling_aets:
+        ae.require_calling_aet = list(allowed_calling_aets)
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class)
+    return ae
+
+
+class StorageSCP:
+    """Runs the AE's server in background threads until :meth:`stop`."""
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        spool: Spool,
+        store: JobStore,
+        allowed_calling_aets: list[str] | None = None,
+        max_associations: int = 10,
+        max_pdu_size: int = 0,
+    ) -> None:
+        self.ae = build_ae(
+            ae_title,
+            allowed_calling_aets=allowed_calling_aets,
+            max_associations=max_associations,
+            max_pdu_size=max_pdu_size,
+        )
+        self.address = (host, port)
+        self.handlers = [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, StoreHandler(spool, store)),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _on_rejected(event: Any) -> None:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        log.warning("association from AE %s rejected", calling)
+        metrics.ASSOCIATIONS_REJECTED.labels(reason="association rejected").inc()
+
+    def start(self) -> None:
+        with self._lock:
+            self._server = self.ae.start_server(
+                self.address, block=False, evt_handlers=self.handlers
+            )
+        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, *self.address)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None

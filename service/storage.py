@@ -1,0 +1,82 @@
+"""The spool: received instances and produced results on disk, written durably.
+
+Layout under ``spool_dir``::
+
+    incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    results/<job id>/<kind>_<SOPInstanceUID>.dcm
+
+A write is: temp file in the target folder, write, fsync, atomic rename,
+fsync of the folder.  Only after that may the SCP answer C-STORE Success.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_UID_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
+
+
+def safe_component(uid: str) -> str:
+    """A UID as a file-name component (UIDs are digits and dots; anything else is replaced)."""
+    cleaned = _UID_SAFE.sub("_", uid.strip())[:128]
+    if not cleaned or cleaned in (".", ".."):
+        raise ValueError(f"unusable identifier for a file name: {uid!r}")
+    return cleaned
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+class Spool:
+    """Paths and durable writes under one spool directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.results = root / "results"
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return (
+            self.incoming
+            / safe_component(study_uid)
+            / safe_component(series_uid)
+            / f"{safe_component(sop_uid)}.dcm"
+        )
+
+    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Durably store one received instance (the received bytes, not a re-encoding)."""
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        atomic_write(path, data)
+        return path
+
+    def result_dir(self, job_id: int) -> Path:
+        folder = self.results / str(int(job_id))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder

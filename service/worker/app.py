@@ -1,0 +1,88 @@
+"""The Celery app and its one thin task.
+
+Tasks carry only a job id; the database is the source of truth for job state.
+``acks_late`` + ``reject_on_worker_lost`` re-deliver a task whose worker died;
+the compare-and-set claim in the JobStore makes a second delivery harmless.
+
+Broker for the embedded deployment: kombu's SQLAlchemy transport on a SQLite
+file (``sqla+sqlite:///<spool>/broker.sqlite``).  It needs no server, works
+across processes on one host (unlike ``memory://``) and does not delete a
+message on read (unlike ``filesystem://``).  It has no visibility restore, so
+jobs lost with a crashed worker are re-queued from the database at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from service.config import Settings, load_settings
+from service.pipeline import WorkerContext, run_job
+
+log = logging.getLogger(__name__)
+
+PROCESS_STUDY = "strokeseg.process_study"
+
+_context: WorkerContext | None = None
+_settings: Settings | None = None
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("strokeseg", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue=settings.worker.queue,
+        task_routes={PROCESS_STUDY: {"queue": settings.worker.queue}},
+        broker_connection_retry_on_startup=True,
+        # Longer than the longest job, so Redis does not hand a running job to a second worker.
+        broker_transport_options={"visibility_timeout": 4 * 3600, "polling_interval": 0.5},
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def worker_context() -> WorkerContext:
+    """One context per worker process, created after fork."""
+    global _context
+    if _context is None:
+        _context = WorkerContext.from_settings(_settings or load_settings())
+    return _context
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    global _context
+    _context = None  # never share DB connections or ONNX sessions across a fork
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    """The app with the task registered, for ``strokeseg worker``."""
+    global _settings
+    _settings = settings
+    app = make_celery(settings)
+
+    @app.task(name=PROCESS_STUDY, acks_late=True)
+    def process_study(job_id: int) -> str | None:
+        state = run_job(worker_context(), int(job_id))
+        return state.value if state is not None else None
+
+    return app
+
+
+def dispatcher(settings: Settings) -> Any:
+    """A function that sends a job id to the worker queue (used by the SCP process)."""
+    app = make_celery(settings)
+
+    def dispatch(job_id: int) -> None:
+        app.send_task(PROCESS_STUDY, args=[int(job_id)], queue=settings.worker.queue)
+
+    return dispatch

@@ -1,0 +1,97 @@
+"""The job store on SQLite and on the machine's real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.db import Database, JobStore
+from service.domain import JobState
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest) -> JobStore:
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    db = Database(url)
+    request.addfinalizer(db.dispose)
+    return JobStore(db)
+
+
+def _receive(store: JobStore, sop: str, study: str = "1.2.840.1") -> int:
+    return store.record_instance(
+        study_instance_uid=study,
+        series_instance_uid=study + ".1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        path=f"/spool/{sop}.dcm",
+        size_bytes=10,
+        calling_ae_title="MRI1",
+    )
+
+
+def test_instances_of_one_study_share_one_open_job(store: JobStore) -> None:
+    a = _receive(store, "1.1")
+    b = _receive(store, "1.2")
+    assert a == b
+    assert store.instance_paths("1.2.840.1") == ["/spool/1.1.dcm", "/spool/1.2.dcm"]
+
+
+def test_resent_instance_replaces_not_duplicates(store: JobStore) -> None:
+    _receive(store, "1.1")
+    job_id = _receive(store, "1.1")
+    assert store.instance_paths("1.2.840.1") == ["/spool/1.1.dcm"]
+    summary = store.job(job_id)
+    assert summary is not None and summary.instances == 1
+
+
+def test_completion_waits_for_idle_study(store: JobStore) -> None:
+    job_id = _receive(store, "1.1")
+    assert store.complete_studies(idle_s=60) == []
+    time.sleep(0.05)
+    assert store.complete_studies(idle_s=0.01) == [job_id]
+    assert store.job(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+    # An image arriving after the job was queued opens a new job (new result version).
+    assert _receive(store, "1.3") != job_id
+
+
+def test_claim_is_exclusive_and_history_is_kept(store: JobStore) -> None:
+    job_id = _receive(store, "1.1")
+    store.complete_studies(idle_s=0)
+    assert store.claim(job_id) is True
+    assert store.claim(job_id) is False
+    assert store.transition(job_id, JobState.REFUSED, "no diffusion series")
+    summary = store.job(job_id)
+    assert summary is not None
+    assert summary.state is JobState.REFUSED and summary.reason == "no diffusion series"
+    assert summary.attempts == 1 and summary.finished_at is not None
+    assert [state for state, _, _ in store.events(job_id)] == [
+        "received", "queued", "running", "refused",
+    ]
+
+
+def test_restart_recovers_queued_and_stale_running_jobs(store: JobStore) -> None:
+    queued = _receive(store, "1.1", study="1.2.840.1")
+    running = _receive(store, "2.1", study="1.2.840.2")
+    store.complete_studies(idle_s=0)
+    store.claim(running)
+    # a fresh running job is left alone (a live worker may have it) ...
+    assert store.jobs_to_requeue(stale_after_s=3600) == [queued]
+    # ... a stale one goes back to the queue
+    assert sorted(store.jobs_to_requeue(stale_after_s=0)) == sorted([queued, running])
+    assert store.job(running).state is JobState.QUEUED  # type: ignore[union-attr]
+
+
+def test_retry_only_from_failed(store: JobStore) -> None:
+    job_id = _receive(store, "1.1")
+    store.complete_studies(idle_s=0)
+    assert store.retry(job_id) is False
+    store.claim(job_id)
+    store.transition(job_id, JobState.FAILED, "delivery failed: destination down")
+    assert store.retry(job_id) is True
+    assert store.job(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+
+
+def test_migrations_are_idempotent(sqlite_url: str) -> None:
+    Database(sqlite_url).dispose()
+    Database(sqlite_url).dispose()  # second upgrade is a no-op, not an error

@@ -1,0 +1,150 @@
+"""The SCP on a real socket, driven by dcmtk's echoscu/storescu and a pynetdicom SCU."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage, Verification
+
+from service.db import Database, JobStore
+from service.scp import StorageSCP
+from service.storage import Spool
+from tests.conftest import dcmtk_tool, free_port
+from tests.dicom_factory import make_dwi_series, write_series
+
+pytestmark = pytest.mark.network
+
+
+class _Running:
+    def __init__(self, scp: StorageSCP, store: JobStore, spool: Spool) -> None:
+        self.scp, self.store, self.spool = scp, store, spool
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+
+def _start(tmp_path: Path, **kwargs: object) -> _Running:
+    db = Database(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    store = JobStore(db)
+    spool = Spool(tmp_path / "spool")
+    scp = StorageSCP(
+        ae_title="STROKESEG", host="127.0.0.1", port=free_port(), spool=spool, store=store,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    scp.start()
+    return _Running(scp, store, spool)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[_Running]:
+    r = _start(tmp_path)
+    yield r
+    r.scp.stop()
+
+
+def _storescu(port: int, files: list[Path], *, calling: str = "MRI1") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk_tool("storescu"), "-aet", calling, "-aec", "STROKESEG", "-nh", "127.0.0.1",
+         str(port), *map(str, files)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def _echo(port: int, calling: str = "MRI1") -> int:
+    return subprocess.run(
+        [dcmtk_tool("echoscu"), "-aet", calling, "-aec", "STROKESEG", "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=30,
+    ).returncode
+
+
+def test_echo(running: _Running) -> None:
+    assert _echo(running.port) == 0
+
+
+def test_store_is_on_disk_and_in_db_with_the_received_bytes(running: _Running, tmp_path: Path) -> None:
+    files = write_series(make_dwi_series(5, 32, 32), tmp_path / "in")
+    result = _storescu(running.port, files)
+    assert result.returncode == 0, result.stderr
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    paths = running.store.instance_paths(study)
+    assert len(paths) == 5
+    for sent in files:
+        ds = pydicom.dcmread(sent)
+        stored = running.spool.instance_path(study, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        assert str(stored) in paths
+        # The stored dataset is exactly what was sent (byte-identical after the file meta).
+        assert pydicom.dcmread(stored).PixelData == ds.PixelData
+        assert pydicom.dcmread(stored).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_resent_study_has_no_duplicates(running: _Running, tmp_path: Path) -> None:
+    files = write_series(make_dwi_series(4, 32, 32), tmp_path / "in")
+    assert _storescu(running.port, files).returncode == 0
+    assert _storescu(running.port, files).returncode == 0
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert len(running.store.instance_paths(study)) == 4
+    assert len(list(running.spool.incoming.rglob("*.dcm"))) == 4
+
+
+def test_unparseable_dataset_gets_failure_and_scp_keeps_serving(
+    running: _Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_dwi_series(3, 16, 16)[0]
+    # A dataset body that no DICOM parser can read: a sequence whose item claims
+    # more bytes than follow.  Sent as raw bytes (the SCU-side encoder is bypassed).
+    broken = (
+        b"\x08\x00\x16\x00UI" + len(b"1.2.840.10008.5.1.4.1.1.4\x00").to_bytes(2, "little")
+        + b"1.2.840.10008.5.1.4.1.1.4\x00"
+        + b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0d\x00\x00\x00" + b"\x00" * 8
+    )
+    monkeypatch.setattr("pynetdicom.association.encode", lambda *a, **k: broken)
+    ae = AE(ae_title="MRI1")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="STROKESEG")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC000
+    assert running.store.instance_paths(str(ds.StudyInstanceUID)) == []
+    assert list(running.spool.incoming.rglob("*.dcm")) == []
+    assert _echo(running.port) == 0  # still serving
+
+
+def test_persistence_failure_is_never_success(running: _Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(*_: object, **__: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(running.spool, "store_instance", disk_full)
+    files = write_series(make_dwi_series(2, 16, 16), tmp_path / "in")
+    ae = AE(ae_title="MRI1")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="STROKESEG")
+    status = assoc.send_c_store(pydicom.dcmread(files[0]))
+    assoc.release()
+    assert status.Status == 0xA700
+
+
+def test_calling_ae_not_allowed_is_rejected(tmp_path: Path) -> None:
+    r = _start(tmp_path, allowed_calling_aets=["MRI1"])
+    try:
+        assert _echo(r.port, calling="MRI1") == 0
+        assert _echo(r.port, calling="INTRUDER") != 0
+        files = write_series(make_dwi_series(2, 16, 16), tmp_path / "in")
+        assert _storescu(r.port, files, calling="INTRUDER").returncode != 0
+        assert list(r.spool.root.rglob("*.dcm")) == []
+    finally:
+        r.scp.stop()
+
+
+def test_wrong_called_ae_is_rejected(running: _Running) -> None:
+    ae = AE(ae_title="MRI1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="SOMEONE_ELSE")
+    assert not assoc.is_established
