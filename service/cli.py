@@ -45,7 +45,8 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     # pynetdicom logs every PDU at INFO; keep its notices, not its chatter.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for chatty in ("pynetdicom", "highdicom", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _settings(config: Path | None) -> Settings:
@@ -125,16 +126,21 @@ def serve(config: ConfigOption = None) -> None:
     Ctrl-C stops both. Send studies to AE title scp.ae_title on scp.port.
     """
     settings = _settings(config)
+    from service.worker.app import ensure_queue
+
     scp = _ScpProcess(settings, stale_job_after_s=0.0)  # our own worker is not running yet
+    ensure_queue(settings)
     worker = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"], env=os.environ.copy()
     )
     stop = threading.Event()
+    worker_died = threading.Event()
 
     def _watch_worker() -> None:
         worker.wait()
         if not stop.is_set():
             log.error("worker process exited with code %s; stopping", worker.returncode)
+            worker_died.set()
             stop.set()
 
     threading.Thread(target=_watch_worker, daemon=True).start()
@@ -156,6 +162,8 @@ def serve(config: ConfigOption = None) -> None:
             except subprocess.TimeoutExpired:
                 worker.kill()
     typer.echo("strokeseg stopped", err=True)
+    if worker_died.is_set():
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -180,8 +188,9 @@ def worker(
     """Run a Celery worker consuming worker.queue (one per GPU; concurrency from config)."""
     settings = _settings(config)
     from service.metrics import serve_metrics
-    from service.worker.app import create_worker_app
+    from service.worker.app import create_worker_app, ensure_queue
 
+    ensure_queue(settings)
     celery_app = create_worker_app(settings)
     serve_metrics(settings.metrics.worker_port)
     argv = [

@@ -14,10 +14,12 @@ jobs lost with a crashed worker are re-queued from the database at start-up.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init
+from kombu import Queue
 
 from service.config import Settings, load_settings
 from service.pipeline import WorkerContext, run_job
@@ -30,6 +32,14 @@ _context: WorkerContext | None = None
 _settings: Settings | None = None
 
 
+def _transport_options(broker_url: str) -> dict[str, Any]:
+    if broker_url.startswith(("redis", "rediss", "sentinel")):
+        # Longer than the longest job, so Redis does not hand a running job to a second worker.
+        return {"visibility_timeout": 4 * 3600}
+    # kombu's SQLAlchemy transport passes its options to create_engine(): give it none.
+    return {}
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("strokeseg", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
@@ -40,8 +50,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=settings.worker.queue,
         task_routes={PROCESS_STUDY: {"queue": settings.worker.queue}},
         broker_connection_retry_on_startup=True,
-        # Longer than the longest job, so Redis does not hand a running job to a second worker.
-        broker_transport_options={"visibility_timeout": 4 * 3600, "polling_interval": 0.5},
+        broker_transport_options=_transport_options(settings.broker_url),
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         task_serializer="json",
@@ -76,6 +85,25 @@ def create_worker_app(settings: Settings) -> Celery:
         return state.value if state is not None else None
 
     return app
+
+
+def ensure_queue(settings: Settings, attempts: int = 5) -> None:
+    """Declare the worker queue on the broker before processes race to create it.
+
+    kombu's SQLAlchemy transport creates a queue row on first use; two processes
+    doing so at once (the SCP sending, the worker consuming) collide on a unique
+    constraint and the loser dies.  Declaring it once up front, with a retry, avoids that.
+    """
+    app = make_celery(settings)
+    for attempt in range(attempts):
+        try:
+            with app.connection_for_write() as conn:
+                Queue(settings.worker.queue).bind(conn.default_channel).declare()
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def dispatcher(settings: Settings) -> Any:

@@ -1,0 +1,216 @@
+"""End to end over real sockets: storescu -> strokeseg -> SEG + SR at a real storescp.
+
+Covers the embedded deployment (``strokeseg serve``: SQLite + SQLite broker),
+restart without loss, refusal of non-diffusion input, a destination that is
+down then retried, and the split deployment (``strokeseg scp`` + ``strokeseg
+worker``) on the machine's real Redis and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from service.derive import read_lesion_volume_ml
+from tests.conftest import free_port
+from tests.dicom_factory import make_dwi_series, write_series
+from tests.peers import (
+    StoreSCP,
+    Strokeseg,
+    dice,
+    echo_ok,
+    run_cli,
+    seg_mask_in_truth_order,
+    sent_high_b_uids,
+    storescu,
+    wait_for,
+    write_config,
+)
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+SEG_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_UID = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _results_for(peer: StoreSCP, study_uid: str) -> dict[str, pydicom.Dataset]:
+    out = {}
+    for ds in peer.received():
+        if str(ds.StudyInstanceUID) == study_uid:
+            out["SEG" if ds.SOPClassUID == SEG_UID else "SR" if ds.SOPClassUID == SR_UID else "?"] = ds
+    return out
+
+
+def _check_results(case: Path, results: dict[str, pydicom.Dataset]) -> tuple[float, float]:
+    """Check SEG references, Dice and SR volume; returns (dice, relative volume error)."""
+    truth = json.loads((case / "truth" / "truth.json").read_text())
+    truth_mask = np.load(case / "truth" / "mask.npy")
+    seg, sr = results["SEG"], results["SR"]
+    slice_uids = sent_high_b_uids(case)
+    referenced = {
+        str(inst.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for inst in series.ReferencedInstanceSequence
+    }
+    assert referenced == set(slice_uids), "SEG must reference exactly the sent high-b DWI images"
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == truth["study_instance_uid"]
+    assert seg.SeriesInstanceUID != sr.SeriesInstanceUID
+    seg_mask = seg_mask_in_truth_order(seg, slice_uids)
+    assert seg_mask.shape == truth_mask.shape
+    d = dice(seg_mask, truth_mask)
+    volume_ml = read_lesion_volume_ml(sr)
+    voxel_ml = truth["lesion_volume_ml"] / max(int(truth_mask.sum()), 1)
+    # The SR's volume is the SEG's voxel count times the voxel volume.
+    if truth_mask.sum():
+        assert volume_ml == pytest.approx(seg_mask.sum() * voxel_ml, rel=1e-3, abs=1e-3)
+    true_ml = truth["lesion_volume_ml"]
+    rel_err = abs(volume_ml - true_ml) / true_ml if true_ml > 0 else volume_ml
+    return d, rel_err
+
+
+def _largest_lesion_case(cases: list[Path]) -> Path:
+    return max(cases, key=lambda c: json.loads((c / "truth" / "truth.json").read_text())["lesion_volume_ml"])
+
+
+def _non_diffusion_study(folder: Path) -> str:
+    series = make_dwi_series(8, 32, 32)
+    for ds in series:
+        del ds.DiffusionBValue
+        if "DiffusionDirectionality" in ds:
+            del ds.DiffusionDirectionality
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.SeriesDescription = "t1_se_tra"
+    write_series(series, folder)
+    return str(series[0].StudyInstanceUID)
+
+
+def _job_lines(config: Path) -> list[list[str]]:
+    result = run_cli(config, "jobs")
+    assert result.returncode == 0, result.stderr
+    return [line.split("\t") for line in result.stdout.strip().splitlines()[1:]]
+
+
+def test_serve_round_trip_refusal_and_restart(tmp_path: Path, phantom_cases: list[Path]) -> None:
+    case = _largest_lesion_case(phantom_cases)
+    study_uid = json.loads((case / "truth" / "truth.json").read_text())["study_instance_uid"]
+    with StoreSCP(tmp_path / "pacs") as peer:
+        port = free_port()
+        config = write_config(
+            tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+            destinations=[peer.destination()], completion_timeout_s=2.0,
+        )
+        serve = Strokeseg("serve", config).start()
+        try:
+            wait_for(lambda: echo_ok(port), 60, "strokeseg serve to answer C-ECHO")
+            sent_at = time.monotonic()
+            storescu(port, case / "dicom")
+            refused_uid = _non_diffusion_study(tmp_path / "t1")
+            storescu(port, tmp_path / "t1")
+            results = wait_for(
+                lambda: (r := _results_for(peer, study_uid)) and len(r) == 2 and r, 180,
+                "SEG and SR at the PACS",
+            )
+            latency_s = time.monotonic() - sent_at
+            d, rel_err = _check_results(case, results)
+            print(f"serve: dice={d:.3f} volume error={rel_err:.1%} sent->received={latency_s:.1f} s")
+            assert d >= 0.7
+            assert rel_err <= 0.15
+            wait_for(
+                lambda: any(line[1] == "refused" and line[5] == refused_uid for line in _job_lines(config)),
+                60, "the non-diffusion study to be refused",
+            )
+            jobs = {line[5]: line for line in _job_lines(config)}
+            assert jobs[study_uid][1] == "delivered"
+            assert jobs[refused_uid][6] == "no diffusion series"
+            assert _results_for(peer, refused_uid) == {}, "nothing may be sent for a refused study"
+        finally:
+            assert serve.stop() == 0, serve.output()
+        log = serve.output()
+        assert "no diffusion series" in log
+        assert "PHANTOM" not in log.upper().replace("STROKESEG-PHANTOM", ""), "no patient names in logs"
+
+        # Restart without loss: a study received just before a stop is processed after restart.
+        second = next(c for c in phantom_cases if c != case)
+        second_uid = json.loads((second / "truth" / "truth.json").read_text())["study_instance_uid"]
+        config2 = write_config(
+            tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+            destinations=[peer.destination()], completion_timeout_s=30.0,
+        )
+        with Strokeseg("serve", config2, log=tmp_path / "serve2.log") as serve2:
+            wait_for(lambda: echo_ok(port), 60, "serve to start")
+            storescu(port, second / "dicom")
+            assert serve2.stop() == 0
+        assert _results_for(peer, second_uid) == {}
+        pending = {line[5]: line[1] for line in _job_lines(config2)}
+        assert pending[second_uid] == "received"
+        config3 = write_config(
+            tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+            destinations=[peer.destination()], completion_timeout_s=1.0,
+        )
+        with Strokeseg("serve", config3, log=tmp_path / "serve3.log"):
+            wait_for(lambda: len(_results_for(peer, second_uid)) == 2, 180, "results after restart")
+
+
+def test_destination_down_then_retry(tmp_path: Path, phantom_cases: list[Path]) -> None:
+    case = phantom_cases[0]
+    study_uid = json.loads((case / "truth" / "truth.json").read_text())["study_instance_uid"]
+    port, pacs_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
+        completion_timeout_s=1.0,
+    )
+    with Strokeseg("serve", config):
+        wait_for(lambda: echo_ok(port), 60, "serve to start")
+        storescu(port, case / "dicom")
+        failed = wait_for(
+            lambda: [line for line in _job_lines(config) if line[1] == "failed"], 120, "job to fail"
+        )
+        job_id, reason = failed[0][0], failed[0][6]
+        assert "unreachable" in reason and "PACS@127.0.0.1" in reason
+        with StoreSCP(tmp_path / "pacs", port=pacs_port) as peer:
+            result = run_cli(config, "retry", job_id)
+            assert result.returncode == 0, result.stderr
+            wait_for(lambda: len(_results_for(peer, study_uid)) == 2, 120, "results after retry")
+            wait_for(
+                lambda: any(line[0] == job_id and line[1] == "delivered" for line in _job_lines(config)),
+                30, "job delivered after retry",
+            )
+
+
+def test_split_deployment_on_redis_and_postgresql(
+    tmp_path: Path, phantom_cases: list[Path], postgres_url: str
+) -> None:
+    case = _largest_lesion_case(phantom_cases)
+    study_uid = json.loads((case / "truth" / "truth.json").read_text())["study_instance_uid"]
+    queue = f"gpu-test-{uuid.uuid4().hex[:8]}"
+    with StoreSCP(tmp_path / "pacs") as peer:
+        port = free_port()
+        config = write_config(
+            tmp_path / "split.yaml", scp_port=port, spool=tmp_path / "spool",
+            destinations=[peer.destination()], completion_timeout_s=1.0,
+            database_url=postgres_url, broker_url="redis://127.0.0.1:6379/9",
+        )
+        text = config.read_text().replace("worker:\n", f"worker:\n  queue: {queue}\n")
+        config.write_text(text)
+        with Strokeseg("worker", config, log=tmp_path / "worker.log") as worker, \
+                Strokeseg("scp", config, log=tmp_path / "scp.log") as scp:
+            wait_for(lambda: echo_ok(port), 60, "strokeseg scp to answer C-ECHO")
+            storescu(port, case / "dicom")
+            results = wait_for(
+                lambda: (r := _results_for(peer, study_uid)) and len(r) == 2 and r, 180,
+                "SEG and SR from the split deployment",
+            )
+            d, rel_err = _check_results(case, results)
+            print(f"split: dice={d:.3f} volume error={rel_err:.1%}")
+            assert d >= 0.7 and rel_err <= 0.15
+            jobs = {line[5]: line for line in _job_lines(config)}
+            assert jobs[study_uid][1] == "delivered"
+            assert scp.stop() == 0, scp.output()
+            assert worker.stop() == 0, worker.output()
