@@ -145,6 +145,15 @@ def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 # -- checking what came back ---------------------------------------------------------
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Lines of dicom3tools' ``dciodvfy -new`` output that report an error."""
+    exe = "/usr/bin/dciodvfy"
+    if not os.access(exe, os.X_OK):
+        raise AssertionError("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
+    result = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     denom = int(a.sum()) + int(b.sum())
     return 1.0 if denom == 0 else 2.0 * float(np.logical_and(a, b).sum()) / denom

@@ -23,6 +23,7 @@ from tests.dicom_factory import make_dwi_series, write_series
 from tests.peers import (
     StoreSCP,
     Strokeseg,
+    dciodvfy_errors,
     dice,
     echo_ok,
     run_cli,
@@ -118,6 +119,9 @@ def test_serve_round_trip_refusal_and_restart(tmp_path: Path, phantom_cases: lis
             )
             latency_s = time.monotonic() - sent_at
             d, rel_err = _check_results(case, results)
+            for path in peer.folder.iterdir():
+                if str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID) == study_uid:
+                    assert dciodvfy_errors(path) == [], path.name
             print(f"serve: dice={d:.3f} volume error={rel_err:.1%} sent->received={latency_s:.1f} s")
             assert d >= 0.7
             assert rel_err <= 0.15

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from service.config import Destination
@@ -50,8 +51,10 @@ def store_objects(
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.maximum_pdu_size = 0
+    # Propose what we wrote (explicit VR little endian) and the one every SCP must
+    # accept; never deflate or big endian, which some archives and validators mishandle.
     for sop_class in sorted({o.sop_class_uid for o in objects}):
-        ae.add_requested_context(sop_class)
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
