@@ -81,15 +81,15 @@ class Settings(BaseSettings):
         env_prefix="STROKESEG_", env_nested_delimiter="__", extra="forbid"
     )
 
-    scp: ScpSettings = Field(default_factory=ScpSettings)
-    study: StudySettings = Field(default_factory=StudySettings)
+    scp: ScpSettings = ScpSettings()
+    study: StudySettings = StudySettings()
     destinations: list[Destination] = Field(default_factory=list)
     spool_dir: Path = Path("var/strokeseg")
     database_url: str = ""
     broker_url: str = ""
     model_dir: Path = BUNDLED_MODEL_DIR
-    worker: WorkerSettings = Field(default_factory=WorkerSettings)
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    worker: WorkerSettings = WorkerSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ from service.db import Database, JobStore
 from service.deliver import StoreOutcome, store_objects
 from service.derive import AlgorithmInfo, write_results
 from service.domain import DiffusionStudy, JobState, LesionSegmentation, ResultObject
-from service.errors import DeliveryError, StudyRefused
+from service.errors import DeliveryError, GeometryError, StudyRefused
 from service.inference import LoadedModel, cached_model, segment_lesion
 from service.intake import load_study
 from service.storage import Spool
@@ -51,13 +51,16 @@ def segment_files(paths: Sequence[Path], model: LoadedModel, out_dir: Path) -> S
     metrics.INFERENCE_SECONDS.labels(model=model.card.name, provider=model.provider).observe(
         inference_s
     )
-    objects = write_results(
-        [frame.path for frame in study.dwi_sources],
-        segmentation.mask,
-        segmentation.lesion_volume_ml,
-        algorithm_of(model),
-        out_dir,
-    )
+    try:
+        objects = write_results(
+            [frame.path for frame in study.dwi_sources],
+            segmentation.mask,
+            segmentation.lesion_volume_ml,
+            algorithm_of(model),
+            out_dir,
+        )
+    except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
+        raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
     return StudyResult(study, segmentation, objects, inference_s)
 
 
@@ -155,7 +158,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     finally:
         metrics.JOB_SECONDS.observe(time.perf_counter() - started)
 
-    fields = {
+    fields: dict[str, object] = {
         "lesion_volume_ml": result.segmentation.lesion_volume_ml,
         "model_name": result.segmentation.model_name,
         "model_version": result.segmentation.model_version,
@@ -168,16 +171,16 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     if not ctx.settings.destinations:
         reason = "no destinations configured; results kept in the spool"
         log.warning("job %d: %s", job_id, reason, extra=extra)
-        ctx.store.transition(job_id, JobState.DELIVERED, reason, **fields)
+        ctx.store.transition(job_id, JobState.DELIVERED, reason, fields=fields)
         metrics.JOBS_FINISHED.labels(state=JobState.DELIVERED.value).inc()
         return JobState.DELIVERED
     problems = _deliver(ctx, job_id, result.objects)
     if problems:
         reason = "; ".join(problems)
         log.warning("job %d delivery failed: %s", job_id, reason, extra=extra)
-        ctx.store.transition(job_id, JobState.FAILED, f"delivery failed: {reason}", **fields)
+        ctx.store.transition(job_id, JobState.FAILED, f"delivery failed: {reason}", fields=fields)
         metrics.JOBS_FINISHED.labels(state=JobState.FAILED.value).inc()
         return JobState.FAILED
-    ctx.store.transition(job_id, JobState.DELIVERED, "", **fields)
+    ctx.store.transition(job_id, JobState.DELIVERED, "", fields=fields)
     metrics.JOBS_FINISHED.labels(state=JobState.DELIVERED.value).inc()
     return JobState.DELIVERED

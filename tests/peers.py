@@ -150,8 +150,10 @@ def dciodvfy_errors(path: Path) -> list[str]:
     exe = "/usr/bin/dciodvfy"
     if not os.access(exe, os.X_OK):
         raise AssertionError("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
-    result = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+    result = subprocess.run([exe, "-new", str(path)], capture_output=True, timeout=60)
+    # dciodvfy echoes offending values byte for byte; they need not be UTF-8.
+    text = (result.stdout + result.stderr).decode("latin-1")
+    return [line for line in text.splitlines() if "Error" in line]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

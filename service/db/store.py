@@ -9,7 +9,7 @@ broker runs once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -220,7 +220,7 @@ class JobStore:
         reason: str = "",
         *,
         expect: Sequence[JobState] | None = None,
-        **fields: object,
+        fields: Mapping[str, object] | None = None,
     ) -> bool:
         """Set a job's state (compare-and-set on ``expect``); False if it was not in ``expect``."""
         state = JobState(state)
@@ -232,7 +232,7 @@ class JobStore:
             values["started_at"] = now
         elif state.is_final:
             values["finished_at"] = now
-        values.update(fields)
+        values.update(fields or {})
         with self.db.session() as s:
             stmt = update(Job).where(Job.id == job_id)
             if expect is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedMRImageStorage,
     MRImageStorage,
     Verification,
@@ -130,7 +130,7 @@ class StorageSCP:
             max_pdu_size=max_pdu_size,
         )
         self.address = (host, port)
-        self.handlers = [
+        self.handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, StoreHandler(spool, store)),
             (evt.EVT_REJECTED, self._on_rejected),
