@@ -28,5 +28,7 @@ fi
 # 3. Static checks, then the tests (real sockets, Redis, PostgreSQL, Orthanc).
 echo "== ruff"
 .venv/bin/python -m ruff check service models tests
+echo "== mypy"
+.venv/bin/python -m mypy service
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@"
