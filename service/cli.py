@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,6 +188,12 @@ def worker(
 ) -> None:
     """Run a Celery worker consuming worker.queue (one per GPU; concurrency from config)."""
     settings = _settings(config)
+    if pool == "prefork" and settings.metrics.worker_port:
+        # Must be set before prometheus_client creates any metric (first import below).
+        metrics_dir = settings.spool_dir / "metrics" / f"worker-{os.getpid()}"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from service.metrics import serve_metrics
     from service.worker.app import create_worker_app, ensure_queue
 

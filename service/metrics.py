@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
 
 STUDY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
@@ -29,10 +37,25 @@ INFERENCE_SECONDS = Histogram(
 DELIVERIES = Counter(
     "strokeseg_deliveries_total", "Result objects sent to destinations", ["destination", "status"]
 )
-QUEUE_DEPTH = Gauge("strokeseg_jobs_waiting", "Jobs received or queued, not yet running")
 
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
-    """Expose /metrics on ``port`` (no-op when 0)."""
-    if port:
+    """Expose /metrics on ``port`` (no-op when 0).
+
+    In a prefork worker the tasks run in child processes; with
+    ``PROMETHEUS_MULTIPROC_DIR`` set (by ``strokeseg worker`` before anything
+    imports this module) the parent serves the children's aggregate.
+    """
+    if not port:
+        return
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        start_http_server(port, addr=addr, registry=registry)
+    else:
         start_http_server(port, addr=addr)
+
+
+def mark_process_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

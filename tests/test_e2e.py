@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.derive import read_lesion_volume_ml
 from tests.conftest import free_port
@@ -91,6 +93,21 @@ def _non_diffusion_study(folder: Path) -> str:
     return str(series[0].StudyInstanceUID)
 
 
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` carrying ``labels``."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def _job_lines(config: Path) -> list[list[str]]:
     result = run_cli(config, "jobs")
     assert result.returncode == 0, result.stderr
@@ -101,10 +118,11 @@ def test_serve_round_trip_refusal_and_restart(tmp_path: Path, phantom_cases: lis
     case = _largest_lesion_case(phantom_cases)
     study_uid = json.loads((case / "truth" / "truth.json").read_text())["study_instance_uid"]
     with StoreSCP(tmp_path / "pacs") as peer:
-        port = free_port()
+        port, scp_metrics, worker_metrics = free_port(), free_port(), free_port()
         config = write_config(
             tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
             destinations=[peer.destination()], completion_timeout_s=2.0,
+            metrics={"scp_port": scp_metrics, "worker_port": worker_metrics},
         )
         serve = Strokeseg("serve", config).start()
         try:
@@ -137,6 +155,11 @@ def test_serve_round_trip_refusal_and_restart(tmp_path: Path, phantom_cases: lis
             jobs = {line[5]: line for line in _job_lines(config)}
             assert jobs[study_uid][1] == "delivered"
             assert jobs[refused_uid][6] == "no diffusion series"
+            scp_text = _metrics(scp_metrics)
+            assert _metric(scp_text, "strokeseg_instances_received_total") >= 90
+            worker_text = _metrics(worker_metrics)
+            assert _metric(worker_text, "strokeseg_jobs_finished_total", state="delivered") >= 1
+            assert _metric(worker_text, "strokeseg_refusals_total", reason="no diffusion series") == 1
             assert _results_for(peer, refused_uid) == {}, "nothing may be sent for a refused study"
         finally:
             assert serve.stop() == 0, serve.output()
@@ -202,11 +225,12 @@ def test_split_deployment_on_redis_and_postgresql(
     study_uid = json.loads((case / "truth" / "truth.json").read_text())["study_instance_uid"]
     queue = f"gpu-test-{uuid.uuid4().hex[:8]}"
     with StoreSCP(tmp_path / "pacs") as peer:
-        port = free_port()
+        port, worker_metrics = free_port(), free_port()
         config = write_config(
             tmp_path / "split.yaml", scp_port=port, spool=tmp_path / "spool",
             destinations=[peer.destination()], completion_timeout_s=1.0,
             database_url=postgres_url, broker_url="redis://127.0.0.1:6379/9",
+            metrics={"scp_port": 0, "worker_port": worker_metrics},
         )
         text = config.read_text().replace("worker:\n", f"worker:\n  queue: {queue}\n")
         config.write_text(text)
@@ -223,5 +247,8 @@ def test_split_deployment_on_redis_and_postgresql(
             assert d >= 0.7 and rel_err <= 0.15
             jobs = {line[5]: line for line in _job_lines(config)}
             assert jobs[study_uid][1] == "delivered"
+            # prefork worker: the child's counters reach the parent's /metrics
+            text = _metrics(worker_metrics)
+            assert _metric(text, "strokeseg_jobs_finished_total", state="delivered") >= 1
             assert scp.stop() == 0, scp.output()
             assert worker.stop() == 0, worker.output()

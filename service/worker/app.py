@@ -14,11 +14,12 @@ jobs lost with a crashed worker are re-queued from the database at start-up.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Queue
 
 from service.config import Settings, load_settings
@@ -71,6 +72,13 @@ def worker_context() -> WorkerContext:
 def _after_fork(**_: Any) -> None:
     global _context
     _context = None  # never share DB connections or ONNX sessions across a fork
+
+
+@worker_process_shutdown.connect
+def _before_exit(pid: int | None = None, **_: Any) -> None:
+    from service.metrics import mark_process_dead
+
+    mark_process_dead(pid or os.getpid())
 
 
 def create_worker_app(settings: Settings) -> Celery:
