@@ -1,0 +1,19 @@
+"""Synthetic acute-stroke diffusion MRI studies (DICOM) with ground truth.
+
+Anatomy comes from the MNI152 2009a tissue maps bundled with nilearn; see
+:mod:`models.synth.phantom` for the acquisition and signal model and
+:mod:`models.synth.cases` for the on-disk layout.
+"""
+
+from models.synth.cases import case_seed, write_phantom_cases, write_phantom_study
+from models.synth.lesions import LesionClass
+from models.synth.phantom import PhantomStudy, generate_phantom
+
+__all__ = [
+    "LesionClass",
+    "PhantomStudy",
+    "case_seed",
+    "generate_phantom",
+    "write_phantom_cases",
+    "write_phantom_study",
+]

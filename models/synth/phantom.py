@@ -1,0 +1,400 @@
+"""One synthetic acute-stroke diffusion study with its ground truth, in memory.
+
+:func:`generate_phantom` draws everything from one seed: head pose, scan grid,
+tissue parameters, lesions, bias field and noise.  Each DWI voxel is the mean
+of sub-samples (in-plane to ~1 mm, through-plane 4 over the slice thickness,
+not the gap), so partial volume, slice gaps and oblique slices behave like a
+real 2-D EPI acquisition.  Sampling uses :func:`scipy.ndimage.affine_transform`
+(trilinear) per slice, restricted to the head's footprint on that slice, which
+keeps a case around a second on one core.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.uid import generate_uid
+from scipy import ndimage as ndi
+
+from models.synth.anatomy import Anatomy, load_anatomy
+from models.synth.diffusion import (
+    ADC_UNIT,
+    B_VALUE,
+    TissueParameters,
+    bias_field,
+    random_tissue_parameters,
+    rician,
+    scanner_adc,
+)
+from models.synth.geometry import Pose, ScanGeometry, random_pose, random_scan_geometry
+from models.synth.lesions import (
+    LesionClass,
+    LesionField,
+    LesionSpec,
+    choose_lesion_class,
+    plan_lesions,
+    rasterise_lesions,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Through-plane sub-samples per slice (over the slice thickness).
+THROUGH_PLANE_SAMPLES = 4
+#: DWI stored values use 12 bits, as most scanners do.
+DWI_MAX_STORED = 4095
+
+_MODELS: dict[str, dict[float, str]] = {
+    "SIEMENS": {1.5: "Aera", 3.0: "Skyra"},
+    "GE MEDICAL SYSTEMS": {1.5: "Optima MR450w", 3.0: "SIGNA Premier"},
+    "Philips Medical Systems": {1.5: "Ingenia", 3.0: "Ingenia Elition X"},
+    "Canon_MEC": {1.5: "Vantage Orian", 3.0: "Vantage Galan 3T"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Acquisition:
+    """Scanner and sequence parameters written to the DICOM headers."""
+
+    manufacturer: str
+    model_name: str
+    field_strength_t: float
+    echo_time_ms: float
+    repetition_time_ms: float
+    echo_train_length: int
+    pixel_bandwidth_hz: float
+    number_of_averages: float
+    descending_slices: bool  # instance numbers head -> feet instead of feet -> head
+
+
+@dataclass(frozen=True, slots=True)
+class StudyIdentity:
+    """UIDs and (synthetic) patient/study identifiers, all derived from the seed."""
+
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    dwi_series_instance_uid: str
+    adc_series_instance_uid: str
+    patient_name: str
+    patient_id: str
+    patient_birth_date: str
+    patient_sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PhantomStudy:
+    """A synthetic study and its truth, all on the DWI grid (slices, rows, columns).
+
+    ``b0``/``dwi`` are the stored uint16 values of the b=0 and b=1000 images;
+    ``adc`` the stored uint16 ADC in units of 1e-6 mm2/s; ``fractions`` the
+    per-voxel lesion fraction (0..1) and ``mask = fractions >= 0.5``.
+    Slice ``k`` is at ``geometry.position(k)`` (ascending along the slice
+    normal).  ``tissue_fractions`` (gm, wm, csf; channel first) is only filled
+    when asked for, for tests.
+    """
+
+    seed: int
+    lesion_class: LesionClass
+    lesions: tuple[LesionSpec, ...]
+    geometry: ScanGeometry
+    pose: Pose
+    acquisition: Acquisition
+    identity: StudyIdentity
+    tissue_parameters: TissueParameters
+    noise_sigma: float  # in stored DWI units
+    b0: npt.NDArray[np.uint16]
+    dwi: npt.NDArray[np.uint16]
+    adc: npt.NDArray[np.uint16]
+    fractions: npt.NDArray[np.float32]
+    mask: npt.NDArray[np.bool_]
+    b_value: float = B_VALUE
+    tissue_fractions: npt.NDArray[np.float32] | None = field(default=None)
+
+    @property
+    def lesion_volume_ml(self) -> float:
+        """Volume of the truth mask (voxel count x voxel volume)."""
+        return float(self.mask.sum()) * self.geometry.voxel_volume_ml
+
+    @property
+    def lesion_volume_continuous_ml(self) -> float:
+        """Partial-volume lesion volume (sum of fractions x voxel volume)."""
+        return float(self.fractions.sum(dtype=np.float64)) * self.geometry.voxel_volume_ml
+
+
+def _uid(seed: int, what: str) -> str:
+    return str(generate_uid(entropy_srcs=["strokeseg-phantom", str(seed), what]))
+
+
+def _identity(rng: np.random.Generator, seed: int, patient_name: str | None) -> StudyIdentity:
+    day = np.datetime64("2024-01-01") + np.timedelta64(int(rng.integers(0, 730)), "D")
+    age_days = int(rng.integers(40 * 365, 92 * 365))
+    birth = day - np.timedelta64(age_days, "D")
+    seconds = int(rng.integers(0, 86400))
+    return StudyIdentity(
+        study_instance_uid=_uid(seed, "study"),
+        frame_of_reference_uid=_uid(seed, "frame-of-reference"),
+        dwi_series_instance_uid=_uid(seed, "series-dwi"),
+        adc_series_instance_uid=_uid(seed, "series-adc"),
+        patient_name=patient_name or f"PHANTOM^CASE{seed % 10000:04d}",
+        patient_id=f"PH{seed:08d}"[-16:],
+        patient_birth_date=str(birth).replace("-", ""),
+        patient_sex=str(rng.choice(["F", "M"])),
+        study_date=str(day).replace("-", ""),
+        study_time=f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}",
+        accession_number=f"A{seed % 10**9:09d}",
+        study_id=str(seed % 10**6),
+    )
+
+
+def _acquisition(rng: np.random.Generator, manufacturer: str) -> Acquisition:
+    field_strength = float(rng.choice([1.5, 3.0]))
+    models = _MODELS.get(manufacturer, {1.5: "Phantom 1.5T", 3.0: "Phantom 3T"})
+    return Acquisition(
+        manufacturer=manufacturer,
+        model_name=models[field_strength],
+        field_strength_t=field_strength,
+        echo_time_ms=float(round(rng.uniform(60.0, 100.0), 1)),
+        repetition_time_ms=float(round(rng.uniform(3000.0, 8000.0), 0)),
+        echo_train_length=int(rng.choice([1, 64, 80, 96])),
+        pixel_bandwidth_hz=float(round(rng.uniform(900.0, 1500.0), 0)),
+        number_of_averages=float(rng.choice([1.0, 2.0, 3.0])),
+        descending_slices=bool(rng.random() < 0.5),
+    )
+
+
+class _Sampler:
+    """Averages trilinear samples of lattice maps over each DWI voxel."""
+
+    def __init__(
+        self,
+        anatomy: Anatomy,
+        pose: Pose,
+        geometry: ScanGeometry,
+    ) -> None:
+        self.geometry = geometry
+        ps_row, ps_col = geometry.pixel_spacing
+        # In-plane sub-samples: enough to reach ~1 mm (the anatomy's resolution).
+        self.n_inplane = max(1, round(max(ps_row, ps_col) / 1.1))
+        self.n_through = THROUGH_PLANE_SAMPLES
+        lattice_from_patient = np.linalg.inv(anatomy.index_to_ras) @ np.linalg.inv(pose.matrix())
+        self._lattice_from_index = lattice_from_patient @ geometry.index_to_patient()
+        self._bboxes = self._slice_bboxes(anatomy.head_points_ras[::3], pose)
+
+    def _slice_bboxes(
+        self, points_ras: npt.NDArray[np.float64], pose: Pose
+    ) -> list[tuple[int, int, int, int] | None]:
+        """Per slice, the (r0, r1, c0, c1) pixel box of the head, or None."""
+        g = self.geometry
+        m = pose.matrix()
+        patient = points_ras @ m[:3, :3].T + m[:3, 3]
+        index = (patient - np.asarray(g.origin)) @ np.linalg.inv(g.index_to_patient()[:3, :3]).T
+        half = (g.slice_thickness / 2.0 + 1.5) / g.slice_spacing
+        boxes: list[tuple[int, int, int, int] | None] = []
+        n_slices, rows, cols = g.shape
+        for k in range(n_slices):
+            sel = np.abs(index[:, 0] - k) <= half
+            if not sel.any():
+                boxes.append(None)
+                continue
+            r = index[sel, 1]
+            c = index[sel, 2]
+            r0 = int(np.clip(math.floor(r.min()) - 2, 0, rows))
+            r1 = int(np.clip(math.ceil(r.max()) + 3, 0, rows))
+            c0 = int(np.clip(math.floor(c.min()) - 2, 0, cols))
+            c1 = int(np.clip(math.ceil(c.max()) + 3, 0, cols))
+            boxes.append((r0, r1, c0, c1) if r1 > r0 and c1 > c0 else None)
+        return boxes
+
+    def _matrix(self, j: int, k: int, r0: int, c0: int, lattice_offset: npt.NDArray[np.float64]
+                ) -> npt.NDArray[np.float64]:
+        """Homogeneous map from sub-sample output index (0, R, C) to lattice index."""
+        g = self.geometry
+        n = self.n_inplane
+        through = ((j + 0.5) / self.n_through - 0.5) * g.slice_thickness / g.slice_spacing
+        sub = np.eye(4)
+        sub[1, 1] = sub[2, 2] = 1.0 / n
+        sub[0, 3] = k + through
+        sub[1, 3] = r0 + 0.5 / n - 0.5
+        sub[2, 3] = c0 + 0.5 / n - 0.5
+        m = self._lattice_from_index @ sub
+        m[:3, 3] -= lattice_offset
+        return m
+
+    def sample(
+        self,
+        maps: list[npt.NDArray[np.float32]],
+        *,
+        lattice_offset: tuple[int, int, int] = (0, 0, 0),
+        region: tuple[int, int, int, int, int, int] | None = None,
+    ) -> list[npt.NDArray[np.float32]]:
+        """Voxel means of ``maps`` (which start at ``lattice_offset`` of the lattice).
+
+        ``region`` = (k0, k1, r0, r1, c0, c1) limits the work further (lesion boxes).
+        """
+        g = self.geometry
+        out = [np.zeros(g.shape, dtype=np.float32) for _ in maps]
+        offset = np.asarray(lattice_offset, dtype=np.float64)
+        n = self.n_inplane
+        for k in range(g.shape[0]):
+            box = self._bboxes[k]
+            if box is None:
+                continue
+            r0, r1, c0, c1 = box
+            if region is not None:
+                if not region[0] <= k < region[1]:
+                    continue
+                r0, r1 = max(r0, region[2]), min(r1, region[3])
+                c0, c1 = max(c0, region[4]), min(c1, region[5])
+                if r1 <= r0 or c1 <= c0:
+                    continue
+            shape = (1, (r1 - r0) * n, (c1 - c0) * n)
+            for j in range(self.n_through):
+                m = self._matrix(j, k, r0, c0, offset)
+                for src, dst in zip(maps, out, strict=True):
+                    sampled = ndi.affine_transform(
+                        src, m, output_shape=shape, order=1, mode="constant", cval=0.0,
+                        output=np.float32, prefilter=False,
+                    )
+                    block = sampled.reshape(r1 - r0, n, c1 - c0, n).mean(axis=(1, 3))
+                    dst[k, r0:r1, c0:c1] += block
+        scale = np.float32(1.0 / self.n_through)
+        for dst in out:
+            dst *= scale
+        return out
+
+    def region_of_lattice_box(
+        self, box: tuple[slice, slice, slice]
+    ) -> tuple[int, int, int, int, int, int] | None:
+        """DWI index box (k0, k1, r0, r1, c0, c1) covering a lattice box, or None."""
+        corners = np.array(
+            [[i, j, k] for i in (box[0].start, box[0].stop)
+             for j in (box[1].start, box[1].stop) for k in (box[2].start, box[2].stop)],
+            dtype=np.float64,
+        )
+        index_from_lattice = np.linalg.inv(self._lattice_from_index)
+        idx = corners @ index_from_lattice[:3, :3].T + index_from_lattice[:3, 3]
+        lo = np.floor(idx.min(axis=0)).astype(int) - 1
+        hi = np.ceil(idx.max(axis=0)).astype(int) + 2
+        shape = np.array(self.geometry.shape)
+        lo = np.clip(lo, 0, shape)
+        hi = np.clip(hi, 0, shape)
+        if np.any(hi <= lo):
+            return None
+        return (int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2]))
+
+
+def _signal_maps(
+    anatomy: Anatomy, params: TissueParameters, lesions: LesionField | None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """S0 and S(b) on the lattice, and the lesion fraction inside the lesion box."""
+    flat = anatomy.tissues.reshape(-1, anatomy.tissues.shape[-1])
+    s0 = (flat @ params.signal_weights(0.0)).reshape(anatomy.shape)
+    sb = (flat @ params.signal_weights(B_VALUE)).reshape(anatomy.shape)
+    if lesions is None:
+        return s0, sb, None
+    box = lesions.box
+    gm = anatomy.tissues[box + (0,)]
+    wm = anatomy.tissues[box + (1,)]
+    w0 = params.signal_weights(0.0)
+    wb = params.signal_weights(B_VALUE)
+    par_s0 = gm * w0[0] + wm * w0[1]
+    par_sb = gm * wb[0] + wm * wb[1]
+    occ = lesions.occupancy
+    s0[box] += occ * lesions.s0_increase * par_s0
+    lesion_sb = (1.0 + lesions.s0_increase) * par_s0 * np.exp(-B_VALUE * lesions.adc)
+    sb[box] += occ * (lesion_sb - par_sb)
+    fraction = np.ascontiguousarray(occ * anatomy.parenchyma[box], dtype=np.float32)
+    return s0, sb, fraction
+
+
+def generate_phantom(
+    seed: int,
+    *,
+    lesion_class: LesionClass | str | None = None,
+    manufacturer: str = "SIEMENS",
+    matrix: int | None = None,
+    patient_name: str | None = None,
+    with_tissue_maps: bool = False,
+) -> PhantomStudy:
+    """Draw one synthetic acute-stroke DWI/ADC study and its truth from ``seed``.
+
+    The same seed (and arguments) always gives the same study, UIDs included.
+    ``lesion_class`` forces a size class (``"none"``, ``"small"``, ``"medium"``,
+    ``"large"``); by default it is drawn (30/35/25/10 % small/medium/large/none).
+    ``matrix`` forces the in-plane matrix (128, 160, 192 or 256).
+    """
+    forced_class = LesionClass(lesion_class) if lesion_class is not None else None
+    anatomy = load_anatomy()
+    ss = np.random.SeedSequence([int(seed), 0x57_0E_5E_6])
+    rng_geo, rng_lesion, rng_signal, rng_noise, rng_meta = (
+        np.random.default_rng(s) for s in ss.spawn(5)
+    )
+
+    pose = random_pose(rng_geo)
+    geometry = random_scan_geometry(rng_geo, pose, anatomy.brain_points_ras, matrix=matrix)
+    cls = forced_class if forced_class is not None else choose_lesion_class(rng_lesion)
+    specs = plan_lesions(rng_lesion, cls, anatomy)
+    lesion_field = rasterise_lesions(
+        rng_lesion, specs, anatomy, mni_per_patient_volume=pose.scale**-3
+    )
+    params = random_tissue_parameters(rng_signal)
+    s0_map, sb_map, fraction_map = _signal_maps(anatomy, params, lesion_field)
+
+    sampler = _Sampler(anatomy, pose, geometry)
+    s0, sb = sampler.sample([s0_map, sb_map])
+    fractions = np.zeros(geometry.shape, dtype=np.float32)
+    if lesion_field is not None and fraction_map is not None:
+        region = sampler.region_of_lattice_box(lesion_field.box)
+        if region is not None:
+            origin = tuple(int(s.start) for s in lesion_field.box)
+            (fractions,) = sampler.sample(
+                [fraction_map], lattice_offset=origin, region=region  # type: ignore[arg-type]
+            )
+    np.clip(fractions, 0.0, 1.0, out=fractions)
+    tissue_fractions = None
+    if with_tissue_maps:
+        channels = [np.ascontiguousarray(anatomy.tissues[..., i]) for i in range(3)]
+        tissue_fractions = np.stack(sampler.sample(channels), axis=0)
+
+    # Scanner: bias field (same on both b-values), gain, Rician noise, ADC.
+    bias = bias_field(rng_signal, geometry.shape, float(rng_signal.uniform(0.05, 0.2)))
+    wm_b0 = params.s0[1]
+    gain = float(rng_signal.uniform(350.0, 900.0)) / wm_b0
+    sigma = float(rng_signal.uniform(0.02, 0.05)) * wm_b0 * gain
+    b0_signal = rician(rng_noise, s0 * bias * np.float32(gain), sigma)
+    dwi_signal = rician(rng_noise, sb * bias * np.float32(gain), sigma)
+    adc = scanner_adc(b0_signal, dwi_signal, B_VALUE, background_threshold=5.0 * sigma)
+
+    b0_stored = np.clip(np.rint(b0_signal), 0, DWI_MAX_STORED).astype(np.uint16)
+    dwi_stored = np.clip(np.rint(dwi_signal), 0, DWI_MAX_STORED).astype(np.uint16)
+    adc_stored = np.rint(adc / ADC_UNIT).astype(np.uint16)
+
+    study = PhantomStudy(
+        seed=int(seed),
+        lesion_class=cls,
+        lesions=tuple(specs),
+        geometry=geometry,
+        pose=pose,
+        acquisition=_acquisition(rng_meta, manufacturer),
+        identity=_identity(rng_meta, int(seed), patient_name),
+        tissue_parameters=params,
+        noise_sigma=sigma,
+        b0=b0_stored,
+        dwi=dwi_stored,
+        adc=adc_stored,
+        fractions=fractions,
+        mask=fractions >= 0.5,
+        tissue_fractions=tissue_fractions,
+    )
+    logger.debug(
+        "phantom seed=%d class=%s grid=%s lesion %.2f mL",
+        seed, cls.value, geometry.shape, study.lesion_volume_ml,
+    )
+    return study
