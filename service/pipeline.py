@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
+
 from service import metrics
 from service.config import Settings
 from service.db import Database, JobStore
@@ -131,8 +133,38 @@ def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> li
     return problems
 
 
+def _existing_results(result_dir: Path) -> list[ResultObject]:
+    """Result objects a previous attempt of this job already wrote (SEG first, then SR)."""
+    objects = []
+    for kind in ("SEG", "SR"):
+        for path in sorted(result_dir.glob(f"{kind}_*.dcm")):
+            ds = dcmread(path, stop_before_pixels=True)
+            objects.append(
+                ResultObject(
+                    kind=kind,
+                    path=path,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                )
+            )
+    return objects
+
+
+def _finish(ctx: WorkerContext, job_id: int, state: JobState, reason: str = "",
+            fields: dict[str, object] | None = None) -> JobState:
+    ctx.store.transition(job_id, state, reason, fields=fields)
+    metrics.JOBS_FINISHED.labels(state=state.value).inc()
+    return state
+
+
 def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
-    """Process one queued job to a final state; None if another worker has it."""
+    """Process one queued job to a final state; None if another worker has it.
+
+    A job that already produced its SEG and SR (and then failed to deliver)
+    re-sends those same objects, so a retry never creates a second version of
+    one result in PACS.
+    """
     extra = {"job_id": job_id}
     if not ctx.store.claim(job_id):
         log.info("job %d is not queued (already taken or finished); skipping", job_id, extra=extra)
@@ -140,47 +172,43 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     started = time.perf_counter()
     summary = ctx.store.job(job_id)
     assert summary is not None
+    result_dir = ctx.spool.result_dir(job_id)
+    fields: dict[str, object] = {"result_dir": str(result_dir)}
     try:
-        paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
-        model = ctx.model()
-        result = segment_files(paths, model, ctx.spool.result_dir(job_id))
+        objects = _existing_results(result_dir)
+        if objects:
+            log.info("job %d: re-delivering the results of its previous attempt", job_id, extra=extra)
+        else:
+            paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
+            model = ctx.model()
+            result = segment_files(paths, model, result_dir)
+            objects = result.objects
+            fields.update(
+                lesion_volume_ml=result.segmentation.lesion_volume_ml,
+                model_name=result.segmentation.model_name,
+                model_version=result.segmentation.model_version,
+            )
+            log.info(
+                "job %d: lesion volume %.2f mL (inference %.2f s)",
+                job_id, result.segmentation.lesion_volume_ml, result.inference_s, extra=extra,
+            )
     except StudyRefused as exc:
         log.warning("job %d refused: %s", job_id, exc.reason, extra=extra)
-        ctx.store.transition(job_id, JobState.REFUSED, exc.reason)
         metrics.REFUSALS.labels(reason=exc.reason).inc()
-        metrics.JOBS_FINISHED.labels(state=JobState.REFUSED.value).inc()
-        return JobState.REFUSED
+        return _finish(ctx, job_id, JobState.REFUSED, exc.reason)
     except Exception as exc:
         log.exception("job %d failed during processing", job_id, extra=extra)
-        ctx.store.transition(job_id, JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
-        metrics.JOBS_FINISHED.labels(state=JobState.FAILED.value).inc()
-        return JobState.FAILED
+        return _finish(ctx, job_id, JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
     finally:
         metrics.JOB_SECONDS.observe(time.perf_counter() - started)
 
-    fields: dict[str, object] = {
-        "lesion_volume_ml": result.segmentation.lesion_volume_ml,
-        "model_name": result.segmentation.model_name,
-        "model_version": result.segmentation.model_version,
-        "result_dir": str(ctx.spool.result_dir(job_id)),
-    }
-    log.info(
-        "job %d: lesion volume %.2f mL (inference %.2f s)",
-        job_id, result.segmentation.lesion_volume_ml, result.inference_s, extra=extra,
-    )
     if not ctx.settings.destinations:
         reason = "no destinations configured; results kept in the spool"
         log.warning("job %d: %s", job_id, reason, extra=extra)
-        ctx.store.transition(job_id, JobState.DELIVERED, reason, fields=fields)
-        metrics.JOBS_FINISHED.labels(state=JobState.DELIVERED.value).inc()
-        return JobState.DELIVERED
-    problems = _deliver(ctx, job_id, result.objects)
+        return _finish(ctx, job_id, JobState.DELIVERED, reason, fields)
+    problems = _deliver(ctx, job_id, objects)
     if problems:
         reason = "; ".join(problems)
         log.warning("job %d delivery failed: %s", job_id, reason, extra=extra)
-        ctx.store.transition(job_id, JobState.FAILED, f"delivery failed: {reason}", fields=fields)
-        metrics.JOBS_FINISHED.labels(state=JobState.FAILED.value).inc()
-        return JobState.FAILED
-    ctx.store.transition(job_id, JobState.DELIVERED, "", fields=fields)
-    metrics.JOBS_FINISHED.labels(state=JobState.DELIVERED.value).inc()
-    return JobState.DELIVERED
+        return _finish(ctx, job_id, JobState.FAILED, f"delivery failed: {reason}", fields)
+    return _finish(ctx, job_id, JobState.DELIVERED, "", fields)

@@ -211,7 +211,13 @@ def test_destination_down_then_retry(tmp_path: Path, phantom_cases: list[Path]) 
         with StoreSCP(tmp_path / "pacs", port=pacs_port) as peer:
             result = run_cli(config, "retry", job_id)
             assert result.returncode == 0, result.stderr
-            wait_for(lambda: len(_results_for(peer, study_uid)) == 2, 120, "results after retry")
+            results = wait_for(
+                lambda: (r := _results_for(peer, study_uid)) and len(r) == 2 and r, 120,
+                "results after retry",
+            )
+            # The retry re-sent the objects made before the failure: same SOP Instance UIDs.
+            made = {p.name.split("_", 1)[1][:-4] for p in (tmp_path / "spool" / "results" / job_id).glob("*.dcm")}
+            assert {str(ds.SOPInstanceUID) for ds in results.values()} == made
             wait_for(
                 lambda: any(line[0] == job_id and line[1] == "delivered" for line in _job_lines(config)),
                 30, "job delivered after retry",
