@@ -242,7 +242,7 @@ def segment(
     bad = 0
     for study_uid, paths in sorted(studies.items()):
         try:
-            result = segment_files(paths, model, out)
+            result = segment_files(paths, model, out, settings.preprocess.profile_options())
         except StrokesegError as exc:
             bad += 1
             if isinstance(exc, StudyRefused):

@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from service.errors import ConfigError
+from service.preprocess.profiles import ProfileOptions, VendorWindow, VendorWindows, Window
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.1.0"
 
@@ -69,6 +70,30 @@ class WorkerSettings(_Section):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = library default.")
 
 
+class WindowSettings(_Section):
+    dwi: tuple[float, float] = Field(description="DWI window (low, high) in stored-value units")
+    adc: tuple[float, float] = Field(description="ADC window (low, high) in 1e-6 mm2/s")
+
+
+class PreprocessSettings(_Section):
+    vendor_windows: dict[str, WindowSettings] = Field(
+        default_factory=dict,
+        description="Per-Manufacturer windows for the alis-window-v1 profile; key 'default' = fallback.",
+    )
+
+    def profile_options(self) -> ProfileOptions:
+        def window(w: WindowSettings) -> VendorWindow:
+            return VendorWindow(dwi=Window(*w.dwi), adc=Window(*w.adc))
+
+        by_vendor = {k: window(v) for k, v in self.vendor_windows.items() if k.lower() != "default"}
+        default = next(
+            (window(v) for k, v in self.vendor_windows.items() if k.lower() == "default"), None
+        )
+        if default is None:
+            return ProfileOptions(VendorWindows(by_manufacturer=by_vendor))
+        return ProfileOptions(VendorWindows(by_manufacturer=by_vendor, default=default))
+
+
 class MetricsSettings(_Section):
     scp_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the SCP; 0 = off.")
     worker_port: int = Field(0, ge=0, le=65535, description="Prometheus port of a worker; 0 = off.")
@@ -89,6 +114,7 @@ class Settings(BaseSettings):
     broker_url: str = ""
     model_dir: Path = BUNDLED_MODEL_DIR
     worker: WorkerSettings = WorkerSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
     metrics: MetricsSettings = MetricsSettings()
     log_level: str = "INFO"
 

@@ -24,6 +24,7 @@ from service.domain import DiffusionStudy, JobState, LesionSegmentation, ResultO
 from service.errors import DeliveryError, GeometryError, StudyRefused
 from service.inference import LoadedModel, cached_model, segment_lesion
 from service.intake import load_study
+from service.preprocess import ProfileOptions
 from service.storage import Spool
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,19 @@ def algorithm_of(model: LoadedModel) -> AlgorithmInfo:
     return AlgorithmInfo(name=model.card.name, version=model.card.version)
 
 
-def segment_files(paths: Sequence[Path], model: LoadedModel, out_dir: Path) -> StudyResult:
+def segment_files(
+    paths: Sequence[Path],
+    model: LoadedModel,
+    out_dir: Path,
+    options: ProfileOptions | None = None,
+) -> StudyResult:
     """Segment one study's files and write SEG + SR into ``out_dir``.
 
     Raises :class:`StudyRefused` (with its reason) when the input is unusable.
     """
     study = load_study(paths)
     started = time.perf_counter()
-    segmentation = segment_lesion(study, model)
+    segmentation = segment_lesion(study, model, options)
     inference_s = time.perf_counter() - started
     metrics.INFERENCE_SECONDS.labels(model=model.card.name, provider=model.provider).observe(
         inference_s
@@ -181,7 +187,9 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
         else:
             paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
             model = ctx.model()
-            result = segment_files(paths, model, result_dir)
+            result = segment_files(
+                paths, model, result_dir, ctx.settings.preprocess.profile_options()
+            )
             objects = result.objects
             fields.update(
                 lesion_volume_ml=result.segmentation.lesion_volume_ml,

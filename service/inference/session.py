@@ -19,7 +19,7 @@ import onnxruntime as ort
 from service.domain import DiffusionStudy, LesionSegmentation
 from service.errors import ModelError
 from service.inference.card import ModelCard, load_model_card
-from service.preprocess import to_model_input, to_native_grid
+from service.preprocess import ProfileOptions, to_model_input, to_native_grid
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,11 @@ def predict_probability(model: LoadedModel, tensor: np.ndarray) -> np.ndarray:
     return np.concatenate(outputs, axis=0)
 
 
-def segment_lesion(study: DiffusionStudy, model: LoadedModel) -> LesionSegmentation:
+def segment_lesion(
+    study: DiffusionStudy, model: LoadedModel, options: ProfileOptions | None = None
+) -> LesionSegmentation:
     """Lesion mask and volume on the native DWI grid."""
-    model_input = to_model_input(study, model.card.grid, model.card.preprocessing_profile)
+    model_input = to_model_input(study, model.card.grid, model.card.preprocessing_profile, options)
     probability_model = predict_probability(model, model_input.tensor)
     probability = to_native_grid(probability_model, model_input, study.dwi)
     mask = probability >= model.card.threshold
