@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from service import metrics
 from service.db import JobStore
+from service.db.commitment import CommitmentStore
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,16 @@ class StudyAssembler:
         completion_timeout_s: float,
         stale_job_after_s: float,
         poll_s: float = 0.5,
+        commitments: CommitmentStore | None = None,
+        commitment_timeout_s: float = 300.0,
     ) -> None:
         self.store = store
         self.dispatch = dispatch
         self.completion_timeout_s = completion_timeout_s
         self.stale_job_after_s = stale_job_after_s
         self.poll_s = poll_s
+        self.commitments = commitments
+        self.commitment_timeout_s = commitment_timeout_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -64,6 +69,9 @@ class StudyAssembler:
             log.info("study complete; job %d queued", job_id, extra={"job_id": job_id})
             metrics.JOBS_QUEUED.inc()
             self._dispatch(job_id)
+        if self.commitments is not None:
+            for uid in self.commitments.flag_timed_out(self.commitment_timeout_s):
+                log.warning("storage commitment %s: no report after %.0f s", uid, self.commitment_timeout_s)
         return job_ids
 
     def _run(self) -> None:

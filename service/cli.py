@@ -70,6 +70,7 @@ class _ScpProcess:
     def __init__(self, settings: Settings, *, stale_job_after_s: float | None = None) -> None:
         from service.assemble import StudyAssembler
         from service.db import Database, JobStore
+        from service.db.commitment import CommitmentStore
         from service.metrics import serve_metrics
         from service.scp import StorageSCP
         from service.storage import Spool
@@ -77,6 +78,7 @@ class _ScpProcess:
 
         self.db = Database(settings.database_url)
         store = JobStore(self.db)
+        commitments = CommitmentStore(self.db)
         self.scp = StorageSCP(
             ae_title=settings.scp.ae_title,
             host=settings.scp.host,
@@ -86,6 +88,7 @@ class _ScpProcess:
             allowed_calling_aets=settings.scp.allowed_calling_aets,
             max_associations=settings.scp.max_associations,
             max_pdu_size=settings.scp.max_pdu_size,
+            commitments=commitments,
         )
         self.assembler = StudyAssembler(
             store,
@@ -94,6 +97,8 @@ class _ScpProcess:
             stale_job_after_s=(
                 settings.study.stale_job_after_s if stale_job_after_s is None else stale_job_after_s
             ),
+            commitments=commitments,
+            commitment_timeout_s=settings.delivery.commitment_timeout_s,
         )
         serve_metrics(settings.metrics.scp_port)
 
@@ -289,6 +294,28 @@ def jobs(
         typer.echo(
             f"{job.id}\t{job.state.value}\t{volume}\t{job.created_at.isoformat(timespec='seconds')}"
             f"\t{finished}\t{job.study_instance_uid}\t{job.reason}"
+        )
+
+
+@app.command()
+def commitments(
+    config: ConfigOption = None,
+    job: Annotated[int | None, typer.Option(help="Only this job's transactions.")] = None,
+    limit: Annotated[int, typer.Option(help="How many of the newest transactions.")] = 50,
+) -> None:
+    """List Storage Commitment transactions: state, destination, instances, report latency."""
+    settings = _settings(config)
+    from service.db import Database
+    from service.db.commitment import CommitmentStore
+
+    store = CommitmentStore(Database(settings.database_url))
+    typer.echo("transaction_uid\tjob\tdestination\tstate\tinstances\tcommitted\treport_s\tdetail")
+    for txn in store.transactions(job_id=job, limit=limit):
+        committed = sum(1 for i in txn.instances if i.state.value == "committed")
+        latency = f"{txn.report_latency_s:.2f}" if txn.report_latency_s is not None else "-"
+        typer.echo(
+            f"{txn.transaction_uid}\t{txn.job_id if txn.job_id is not None else '-'}\t{txn.destination}"
+            f"\t{txn.state.value}\t{len(txn.instances)}\t{committed}\t{latency}\t{txn.detail}"
         )
 
 

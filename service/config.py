@@ -50,6 +50,12 @@ class ScpSettings(_Section):
         return value.strip()
 
 
+class DeliverySettings(_Section):
+    commitment_timeout_s: float = Field(
+        300.0, gt=0, description="A commitment request with no report after this is flagged timed_out."
+    )
+
+
 class StudySettings(_Section):
     completion_timeout_s: float = Field(10.0, gt=0, description="Idle time that closes a study.")
     stale_job_after_s: float = Field(
@@ -62,6 +68,9 @@ class Destination(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    storage_commitment: bool = Field(
+        False, description="Request Storage Commitment (N-ACTION) after C-STORE."
+    )
 
 
 class WorkerSettings(_Section):
@@ -109,6 +118,7 @@ class Settings(BaseSettings):
     scp: ScpSettings = ScpSettings()
     study: StudySettings = StudySettings()
     destinations: list[Destination] = Field(default_factory=list)
+    delivery: DeliverySettings = DeliverySettings()
     spool_dir: Path = Path("var/strokeseg")
     database_url: str = ""
     broker_url: str = ""

@@ -38,6 +38,12 @@ DELIVERIES = Counter(
     "strokeseg_deliveries_total", "Result objects sent to destinations", ["destination", "status"]
 )
 
+COMMITMENT_REQUESTS = Counter(
+    "strokeseg_commitment_requests_total",
+    "Storage Commitment requests (N-ACTION) sent",
+    ["destination", "accepted"],
+)
+
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
     """Expose /metrics on ``port`` (no-op when 0).

@@ -16,15 +16,18 @@ from pathlib import Path
 from pydicom import dcmread
 
 from service import metrics
-from service.config import Settings
+from service.config import Destination, Settings
 from service.db import Database, JobStore
+from service.db.commitment import CommitmentStore
 from service.deliver import StoreOutcome, store_objects
+from service.deliver.commitment import CommitmentRequest, request_commitment
 from service.derive import AlgorithmInfo, write_results
 from service.domain import DiffusionStudy, JobState, LesionSegmentation, ResultObject
 from service.errors import DeliveryError, GeometryError, StudyRefused
 from service.inference import LoadedModel, cached_model, segment_lesion
 from service.intake import load_study
 from service.preprocess import ProfileOptions
+from service.scp.commitment import report_handlers
 from service.storage import Spool
 
 log = logging.getLogger(__name__)
@@ -80,11 +83,18 @@ class WorkerContext:
     db: Database
     store: JobStore
     spool: Spool
+    commitments: CommitmentStore
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
         db = Database(settings.database_url)
-        return cls(settings=settings, db=db, store=JobStore(db), spool=Spool(settings.spool_dir))
+        return cls(
+            settings=settings,
+            db=db,
+            store=JobStore(db),
+            spool=Spool(settings.spool_dir),
+            commitments=CommitmentStore(db),
+        )
 
     def model(self) -> LoadedModel:
         return cached_model(
@@ -136,7 +146,48 @@ def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> li
                 problems.append(
                     f"destination {destination.name}: {outcome.obj.kind} not stored ({outcome.detail})"
                 )
+        stored = [o.obj for o in outcomes if o.stored]
+        if stored and destination.storage_commitment:
+            _request_commitment(ctx, job_id, destination, stored)
     return problems
+
+
+def _request_commitment(
+    ctx: WorkerContext, job_id: int, destination: Destination, objects: list[ResultObject]
+) -> None:
+    """N-ACTION for the stored objects; the report is recorded by the SCP's handler.
+
+    The transaction is in the DB before the request goes out, because the
+    PACS may report on another association before our N-ACTION returns.  A
+    missing report is flagged later by the assembler (commitment_timeout_s).
+    """
+    request = CommitmentRequest.for_objects(objects)
+    calling = ctx.settings.scp.ae_title
+    ctx.commitments.record_request(
+        request.transaction_uid,
+        request.references,
+        destination=destination.name,
+        destination_ae_title=destination.ae_title,
+        calling_ae_title=calling,
+        job_id=job_id,
+    )
+    action = request_commitment(
+        destination,
+        request,
+        calling_ae_title=calling,
+        evt_handlers=report_handlers(ctx.commitments),
+        wait_for_report_s=5.0,
+        report_arrived=lambda: ctx.commitments.is_reported(request.transaction_uid),
+    )
+    ctx.commitments.record_action(
+        request.transaction_uid,
+        status_code=action.status_code,
+        accepted=action.accepted,
+        detail=action.detail,
+    )
+    metrics.COMMITMENT_REQUESTS.labels(
+        destination=destination.name, accepted=str(action.accepted).lower()
+    ).inc()
 
 
 def _existing_results(result_dir: Path) -> list[ResultObject]:

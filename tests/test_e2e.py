@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.derive import read_lesion_volume_ml
 from tests.conftest import free_port
 from tests.dicom_factory import make_dwi_series, write_series
+from tests.orthanc import Modality, Orthanc
 from tests.peers import (
     StoreSCP,
     Strokeseg,
@@ -258,3 +259,40 @@ def test_split_deployment_on_redis_and_postgresql(
             assert _metric(text, "strokeseg_jobs_finished_total", state="delivered") >= 1
             assert scp.stop() == 0, scp.output()
             assert worker.stop() == 0, worker.output()
+
+
+def test_serve_delivers_to_orthanc_with_storage_commitment(
+    tmp_path: Path, phantom_cases: list[Path]
+) -> None:
+    """A real PACS: results stored in Orthanc (REST) and committed in our database."""
+    case = _largest_lesion_case(phantom_cases)
+    study_uid = json.loads((case / "truth" / "truth.json").read_text())["study_instance_uid"]
+    port = free_port()
+    with Orthanc(tmp_path / "orthanc", modalities=[Modality("strokeseg", "STROKESEG", port)]) as pacs:
+        destination = {**pacs.destination(), "name": "orthanc", "storage_commitment": True}
+        config = write_config(
+            tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+            destinations=[destination], completion_timeout_s=1.0,
+        )
+        with Strokeseg("serve", config):
+            wait_for(lambda: echo_ok(port), 60, "serve to start")
+            storescu(port, case / "dicom")
+            job = wait_for(
+                lambda: [line for line in _job_lines(config) if line[5] == study_uid and line[1] in ("delivered", "failed")],
+                180, "the job to finish",
+            )[0]
+            assert job[1] == "delivered", job
+            rows = wait_for(
+                lambda: [
+                    line.split("\t") for line in run_cli(config, "commitments").stdout.splitlines()[1:]
+                    if line.split("\t")[3] == "committed"
+                ],
+                30, "the commitment report from Orthanc",
+            )
+        assert rows[0][1] == job[0] and rows[0][2] == "orthanc"
+        assert int(rows[0][4]) == int(rows[0][5]) >= 2  # every object committed
+        in_pacs = pacs.sop_instance_uids()
+        result_files = list((tmp_path / "spool" / "results" / job[0]).glob("*.dcm"))
+        assert result_files
+        for path in result_files:
+            assert str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) in in_pacs

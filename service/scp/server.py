@@ -23,6 +23,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from service import metrics
 from service.db import JobStore
+from service.db.commitment import CommitmentStore
+from service.scp.commitment import add_storage_commitment
 from service.storage import Spool
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,7 @@ class StorageSCP:
         allowed_calling_aets: list[str] | None = None,
         max_associations: int = 10,
         max_pdu_size: int = 0,
+        commitments: CommitmentStore | None = None,
     ) -> None:
         self.ae = build_ae(
             ae_title,
@@ -135,6 +138,10 @@ class StorageSCP:
             (evt.EVT_C_STORE, StoreHandler(spool, store)),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        if commitments is not None:
+            # Storage Commitment reports come back on a new association on which
+            # the PACS proposes the SCP role; accept it and record the report.
+            self.handlers.extend(add_storage_commitment(self.ae, commitments))
         self._server: Any = None
         self._lock = threading.Lock()
 

@@ -1,0 +1,561 @@
+"""Storage Commitment bookkeeping: one row per transaction, one per referenced instance.
+
+A C-STORE Success only says the PACS received an object; Storage Commitment
+(PS3.4 Annex J, Push Model) is the PACS saying it has taken over
+responsibility for keeping it.  The answer (N-EVENT-REPORT) comes back
+asynchronously, usually on a *new* association to our SCP and possibly in
+another process than the worker that asked, so the database is where the
+request and its answer meet:
+
+* the worker records a transaction (state ``requested``) *before* it sends
+  the N-ACTION, so a report that races back finds it;
+* the SCP's N-EVENT-REPORT handler marks each instance committed or failed
+  (with the peer's FailureReason) and the transaction ``committed``,
+  ``partially_failed`` or ``failed``;
+* a periodic sweep (:meth:`CommitmentStore.flag_timed_out`) marks transactions
+  that never got a report ``timed_out``; a late report still counts;
+* :meth:`CommitmentStore.instances_to_resend` is what a retry policy reads.
+
+Everything survives a restart because nothing about a transaction lives only
+in memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from service.db.models import UID, Base, utcnow
+from service.db.session import Database
+
+log = logging.getLogger(__name__)
+
+
+class CommitmentState(enum.StrEnum):
+    """Life cycle of one Storage Commitment transaction.
+
+    requested -> committed | partially_failed | failed   (the peer's report)
+    requested -> failed                                  (N-ACTION refused or not sent)
+    requested -> timed_out                               (no report in time)
+    timed_out -> committed | partially_failed | failed   (a late report)
+    """
+
+    REQUESTED = "requested"
+    COMMITTED = "committed"
+    PARTIALLY_FAILED = "partially_failed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def is_reported(self) -> bool:
+        """True once the outcome is known (a report came, or the request was refused)."""
+        return self in (
+            CommitmentState.COMMITTED,
+            CommitmentState.PARTIALLY_FAILED,
+            CommitmentState.FAILED,
+        )
+
+
+class InstanceCommitState(enum.StrEnum):
+    """Per-instance state inside one transaction."""
+
+    PENDING = "pending"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+#: Failure Reason (0008,1197) values of PS3.4 Annex J.3.2.1.3.1 / C.4.2.1.
+FAILURE_REASONS: dict[int, str] = {
+    0x0110: "processing failure",
+    0x0112: "no such object instance",
+    0x0119: "class/instance conflict",
+    0x0122: "referenced SOP class not supported",
+    0x0131: "duplicate transaction UID",
+    0x0213: "resource limitation",
+}
+
+
+def failure_reason_text(code: int | None) -> str:
+    """Operator words for a Failure Reason code (``None``: the peer gave none)."""
+    if code is None:
+        return "no failure reason given"
+    return f"0x{code:04X} {FAILURE_REASONS.get(code, 'unknown failure reason')}"
+
+
+# -- tables --------------------------------------------------------------------------
+
+
+class CommitmentTransaction(Base):
+    """One N-ACTION (Request Storage Commitment) sent to one destination."""
+
+    __tablename__ = "commitment_transactions"
+
+    transaction_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    destination_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    state: Mapped[str] = mapped_column(String(24), index=True)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime())
+    action_status: Mapped[int | None] = mapped_column(Integer)
+    reported_by: Mapped[str] = mapped_column(String(16), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+    instances: Mapped[list[CommitmentInstance]] = relationship(
+        back_populates="transaction",
+        order_by="CommitmentInstance.id",
+        cascade="all, delete-orphan",
+    )
+
+
+class CommitmentInstance(Base):
+    """One SOP instance referenced by a transaction, with what the peer said about it."""
+
+    __tablename__ = "commitment_instances"
+    __table_args__ = (
+        UniqueConstraint("transaction_uid", "sop_instance_uid", name="uq_commitment_instance"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    transaction_uid: Mapped[str] = mapped_column(
+        UID, ForeignKey("commitment_transactions.transaction_uid"), index=True
+    )
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    path: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+
+    transaction: Mapped[CommitmentTransaction] = relationship(back_populates="instances")
+
+
+# -- values handed out ---------------------------------------------------------------
+
+
+class SOPInstanceRef(Protocol):
+    """Anything naming an instance: ``ResultObject``, ``deliver.commitment.SOPReference``.
+
+    A ``path`` attribute, when present, is stored so a re-send after a restart
+    knows which file to send.
+    """
+
+    @property
+    def sop_class_uid(self) -> str: ...
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceCommitment:
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    state: InstanceCommitState
+    failure_reason: int | None
+
+    @property
+    def failure_reason_text(self) -> str:
+        return failure_reason_text(self.failure_reason) if self.state is InstanceCommitState.FAILED else ""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitmentSummary:
+    transaction_uid: str
+    job_id: int | None
+    destination: str
+    destination_ae_title: str
+    calling_ae_title: str
+    state: CommitmentState
+    requested_at: datetime
+    reported_at: datetime | None
+    action_status: int | None
+    reported_by: str
+    detail: str
+    instances: tuple[InstanceCommitment, ...]
+
+    @property
+    def report_latency_s(self) -> float | None:
+        """Seconds from recording the request to the report (None before a report)."""
+        if self.reported_at is None:
+            return None
+        return (self.reported_at - self.requested_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOutcome:
+    """What applying one N-EVENT-REPORT did."""
+
+    transaction_uid: str
+    state: CommitmentState
+    committed: int
+    failed: int
+    #: Instances the report named that the transaction did not reference.
+    unmatched: int
+
+
+@dataclass(frozen=True, slots=True)
+class UncommittedInstance:
+    """An instance whose most recent commitment request at a destination did not commit.
+
+    ``failure_reason`` is the peer's code when it answered; ``transaction_state``
+    tells a retry policy whether the peer said no (``failed``,
+    ``partially_failed``: re-send, then re-request) or never answered
+    (``timed_out``: re-request may be enough).
+    """
+
+    transaction_uid: str
+    transaction_state: CommitmentState
+    job_id: int | None
+    destination: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    state: InstanceCommitState
+    failure_reason: int | None
+
+
+def _summary(txn: CommitmentTransaction) -> CommitmentSummary:
+    return CommitmentSummary(
+        transaction_uid=txn.transaction_uid,
+        job_id=txn.job_id,
+        destination=txn.destination,
+        destination_ae_title=txn.destination_ae_title,
+        calling_ae_title=txn.calling_ae_title,
+        state=CommitmentState(txn.state),
+        requested_at=txn.requested_at,
+        reported_at=txn.reported_at,
+        action_status=txn.action_status,
+        reported_by=txn.reported_by,
+        detail=txn.detail,
+        instances=tuple(
+            InstanceCommitment(
+                sop_class_uid=i.sop_class_uid,
+                sop_instance_uid=i.sop_instance_uid,
+                path=i.path,
+                state=InstanceCommitState(i.state),
+                failure_reason=i.failure_reason,
+            )
+            for i in txn.instances
+        ),
+    )
+
+
+def _outcome_state(committed: int, failed: int) -> CommitmentState:
+    if failed == 0:
+        return CommitmentState.COMMITTED
+    if committed == 0:
+        return CommitmentState.FAILED
+    return CommitmentState.PARTIALLY_FAILED
+
+
+# -- the store -----------------------------------------------------------------------
+
+
+class CommitmentStore:
+    """The one writer of commitment transactions (worker side and SCP side)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- request (worker) ---------------------------------------------------------------
+    def record_request(
+        self,
+        transaction_uid: str,
+        instances: Sequence[SOPInstanceRef],
+        *,
+        destination: str,
+        destination_ae_title: str = "",
+        calling_ae_title: str = "",
+        job_id: int | None = None,
+    ) -> None:
+        """Record a transaction as ``requested``; call this *before* sending the N-ACTION.
+
+        The peer may answer on another association within milliseconds of our
+        N-ACTION; if the row were written after the N-ACTION response, that
+        report would be refused as an unknown transaction.
+        """
+        if not instances:
+            raise ValueError("a commitment transaction needs at least one instance")
+        now = utcnow()
+        with self.db.session() as s:
+            txn = CommitmentTransaction(
+                transaction_uid=transaction_uid,
+                job_id=job_id,
+                destination=destination,
+                destination_ae_title=destination_ae_title,
+                calling_ae_title=calling_ae_title,
+                state=CommitmentState.REQUESTED.value,
+                requested_at=now,
+                reported_at=None,
+                action_status=None,
+                reported_by="",
+                detail="",
+            )
+            for ref in instances:
+                txn.instances.append(
+                    CommitmentInstance(
+                        sop_class_uid=str(ref.sop_class_uid),
+                        sop_instance_uid=str(ref.sop_instance_uid),
+                        path=str(getattr(ref, "path", "") or ""),
+                        state=InstanceCommitState.PENDING.value,
+                        failure_reason=None,
+                        updated_at=now,
+                    )
+                )
+            s.add(txn)
+        log.info(
+            "storage commitment %s requested from %s for %d instance(s)",
+            transaction_uid, destination, len(instances),
+            extra={"job_id": job_id, "transaction_uid": transaction_uid},
+        )
+
+    def record_action(
+        self, transaction_uid: str, *, status_code: int | None, accepted: bool, detail: str = ""
+    ) -> None:
+        """Store the N-ACTION answer; a refused or unsent request fails the transaction.
+
+        Only a still-``requested`` transaction is failed: a report that arrived
+        before we got here (it can, on another association) is the better truth.
+        """
+        now = utcnow()
+        with self.db.session() as s:
+            s.execute(
+                update(CommitmentTransaction)
+                .where(CommitmentTransaction.transaction_uid == transaction_uid)
+                .values(action_status=status_code)
+            )
+            if accepted:
+                return
+            result = s.execute(
+                update(CommitmentTransaction)
+                .where(
+                    CommitmentTransaction.transaction_uid == transaction_uid,
+                    CommitmentTransaction.state == CommitmentState.REQUESTED.value,
+                )
+                .values(state=CommitmentState.FAILED.value, detail=detail)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                s.execute(
+                    update(CommitmentInstance)
+                    .where(
+                        CommitmentInstance.transaction_uid == transaction_uid,
+                        CommitmentInstance.state == InstanceCommitState.PENDING.value,
+                    )
+                    .values(state=InstanceCommitState.FAILED.value, updated_at=now)
+                )
+        log.warning(
+            "storage commitment %s not requested: %s", transaction_uid, detail,
+            extra={"transaction_uid": transaction_uid},
+        )
+
+    # -- report (SCP) ---------------------------------------------------------------------
+    def apply_report(
+        self,
+        transaction_uid: str,
+        *,
+        committed: Iterable[tuple[str, str]],
+        failed: Iterable[tuple[str, str, int | None]],
+        reported_by: str = "",
+    ) -> ReportOutcome | None:
+        """Apply an N-EVENT-REPORT; None when the transaction is unknown.
+
+        ``committed`` holds (SOP class, SOP instance) pairs of the Referenced
+        SOP Sequence, ``failed`` (class, instance, FailureReason) of the Failed
+        SOP Sequence.  Instances are matched by SOP Instance UID.  A report is
+        the peer's final word on the transaction, so an instance it does not
+        mention is counted as failed (no reason).  A second report for the
+        same transaction (a peer retrying) simply re-applies.
+        """
+        now = utcnow()
+        committed_map = {inst: cls for cls, inst in committed}
+        failed_map = {inst: (cls, reason) for cls, inst, reason in failed}
+        with self.db.session() as s:
+            txn = s.get(CommitmentTransaction, transaction_uid, with_for_update=True)
+            if txn is None:
+                return None
+            known = {i.sop_instance_uid for i in txn.instances}
+            n_committed = n_failed = 0
+            for inst in txn.instances:
+                if inst.sop_instance_uid in failed_map:
+                    cls, reason = failed_map[inst.sop_instance_uid]
+                    inst.state = InstanceCommitState.FAILED.value
+                    inst.failure_reason = reason
+                    n_failed += 1
+                elif inst.sop_instance_uid in committed_map:
+                    cls = committed_map[inst.sop_instance_uid]
+                    inst.state = InstanceCommitState.COMMITTED.value
+                    inst.failure_reason = None
+                    n_committed += 1
+                else:
+                    cls = inst.sop_class_uid
+                    inst.state = InstanceCommitState.FAILED.value
+                    inst.failure_reason = None
+                    n_failed += 1
+                if cls and cls != inst.sop_class_uid:
+                    log.warning(
+                        "storage commitment %s: report names SOP class %s for an instance "
+                        "we sent as %s", transaction_uid, cls, inst.sop_class_uid,
+                        extra={"transaction_uid": transaction_uid},
+                    )
+                inst.updated_at = now
+            unmatched = len((committed_map.keys() | failed_map.keys()) - known)
+            state = _outcome_state(n_committed, n_failed)
+            previous = txn.state
+            txn.state = state.value
+            txn.reported_at = now
+            txn.reported_by = reported_by[:16]
+            txn.detail = (
+                f"{n_committed} committed, {n_failed} failed"
+                + (f", {unmatched} unknown instance(s) in the report" if unmatched else "")
+                + (" (late report after time-out)" if previous == CommitmentState.TIMED_OUT.value else "")
+            )
+        return ReportOutcome(transaction_uid, state, n_committed, n_failed, unmatched)
+
+    # -- sweep ----------------------------------------------------------------------------
+    def flag_timed_out(self, older_than_s: float) -> list[str]:
+        """Mark ``requested`` transactions older than ``older_than_s`` as ``timed_out``.
+
+        Returns their UIDs.  Run it periodically (e.g. with the study-completion
+        loop); the instances stay ``pending`` so a late report can still land.
+        """
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self.db.session() as s:
+            uids = list(
+                s.scalars(
+                    select(CommitmentTransaction.transaction_uid).where(
+                        CommitmentTransaction.state == CommitmentState.REQUESTED.value,
+                        CommitmentTransaction.requested_at <= cutoff,
+                    )
+                )
+            )
+            if uids:
+                s.execute(
+                    update(CommitmentTransaction)
+                    .where(
+                        CommitmentTransaction.transaction_uid.in_(uids),
+                        CommitmentTransaction.state == CommitmentState.REQUESTED.value,
+                    )
+                    .values(
+                        state=CommitmentState.TIMED_OUT.value,
+                        detail=f"no N-EVENT-REPORT within {older_than_s:g} s",
+                    )
+                )
+        for uid in uids:
+            log.warning(
+                "storage commitment %s: no report within %g s", uid, older_than_s,
+                extra={"transaction_uid": uid},
+            )
+        return uids
+
+    # -- read -------------------------------------------------------------------------------
+    def transaction(self, transaction_uid: str) -> CommitmentSummary | None:
+        with self.db.session() as s:
+            txn = s.get(CommitmentTransaction, transaction_uid)
+            return None if txn is None else _summary(txn)
+
+    def transactions(
+        self, *, job_id: int | None = None, destination: str | None = None, limit: int = 50
+    ) -> list[CommitmentSummary]:
+        """Newest first."""
+        with self.db.session() as s:
+            stmt = (
+                select(CommitmentTransaction)
+                .order_by(CommitmentTransaction.requested_at.desc())
+                .limit(limit)
+            )
+            if job_id is not None:
+                stmt = stmt.where(CommitmentTransaction.job_id == job_id)
+            if destination is not None:
+                stmt = stmt.where(CommitmentTransaction.destination == destination)
+            return [_summary(t) for t in s.scalars(stmt)]
+
+    def is_reported(self, transaction_uid: str) -> bool:
+        """True once the transaction's outcome is known (cheap; for polling)."""
+        with self.db.session() as s:
+            state = s.scalar(
+                select(CommitmentTransaction.state).where(
+                    CommitmentTransaction.transaction_uid == transaction_uid
+                )
+            )
+        return state is not None and CommitmentState(state).is_reported
+
+    def wait_for_report(
+        self, transaction_uid: str, timeout_s: float, *, poll_s: float = 0.1
+    ) -> CommitmentSummary | None:
+        """Poll until the transaction is reported or ``timeout_s`` passes; its summary.
+
+        Polls the database rather than waiting on an in-process signal because
+        the report is usually received by the SCP process, not the worker.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.is_reported(transaction_uid) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        return self.transaction(transaction_uid)
+
+    def instances_to_resend(
+        self, *, destination: str | None = None, job_id: int | None = None
+    ) -> list[UncommittedInstance]:
+        """Instances whose latest request at a destination failed or timed out.
+
+        "Latest" is per (destination, SOP Instance UID): an instance that failed
+        once and was committed by a later transaction is not listed.  Instances
+        of transactions still waiting for a report are not listed either.
+        """
+        with self.db.session() as s:
+            latest = (
+                select(func.max(CommitmentInstance.id))
+                .join(CommitmentTransaction)
+                .group_by(CommitmentTransaction.destination, CommitmentInstance.sop_instance_uid)
+            )
+            stmt = (
+                select(CommitmentInstance, CommitmentTransaction)
+                .join(CommitmentTransaction)
+                .where(CommitmentInstance.id.in_(latest))
+                .where(
+                    (CommitmentInstance.state == InstanceCommitState.FAILED.value)
+                    | (
+                        (CommitmentInstance.state == InstanceCommitState.PENDING.value)
+                        & (CommitmentTransaction.state == CommitmentState.TIMED_OUT.value)
+                    )
+                )
+                .order_by(CommitmentInstance.id)
+            )
+            if destination is not None:
+                stmt = stmt.where(CommitmentTransaction.destination == destination)
+            if job_id is not None:
+                stmt = stmt.where(CommitmentTransaction.job_id == job_id)
+            return [
+                UncommittedInstance(
+                    transaction_uid=txn.transaction_uid,
+                    transaction_state=CommitmentState(txn.state),
+                    job_id=txn.job_id,
+                    destination=txn.destination,
+                    sop_class_uid=inst.sop_class_uid,
+                    sop_instance_uid=inst.sop_instance_uid,
+                    path=inst.path,
+                    state=InstanceCommitState(inst.state),
+                    failure_reason=inst.failure_reason,
+                )
+                for inst, txn in s.execute(stmt)
+            ]
