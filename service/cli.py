@@ -222,6 +222,7 @@ def segment(
     input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder of DICOM files (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SEG and SR files.")],
     model_dir: Annotated[Path | None, typer.Option(help="Model folder (model.onnx + model.yaml).")] = None,
+    overlay: Annotated[bool, typer.Option(help="Also write the colour overlay series.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Segment every study under INPUT_DIR without a network; one line per study.
@@ -247,7 +248,10 @@ def segment(
     bad = 0
     for study_uid, paths in sorted(studies.items()):
         try:
-            result = segment_files(paths, model, out, settings.preprocess.profile_options())
+            result = segment_files(
+                paths, model, out, settings.preprocess.profile_options(), settings.derive,
+                overlay=overlay or settings.overlay_enabled,
+            )
         except StrokesegError as exc:
             bad += 1
             if isinstance(exc, StudyRefused):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -50,6 +51,22 @@ class ScpSettings(_Section):
         return value.strip()
 
 
+class OverlaySettings(_Section):
+    enabled: bool | Literal["auto"] = Field(
+        "auto", description="Write the colour overlay series; auto = when a destination sends OVERLAY."
+    )
+    label: str = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+
+
+class DeriveSettings(_Section):
+    adc_core_threshold: float = Field(620.0, gt=0, description="ADC core threshold, 1e-6 mm2/s.")
+    core_volume_cutoffs_ml: list[float] = Field(
+        default_factory=list,
+        description="Report 'ADC core volume below X mL' comparisons (e.g. 21, 31, 51, 70); empty = off.",
+    )
+    overlay: OverlaySettings = OverlaySettings()
+
+
 class DeliverySettings(_Section):
     commitment_timeout_s: float = Field(
         300.0, gt=0, description="A commitment request with no report after this is flagged timed_out."
@@ -63,6 +80,9 @@ class StudySettings(_Section):
     )
 
 
+ResultKind = Literal["SEG", "SR", "OVERLAY"]
+
+
 class Destination(_Section):
     name: str
     ae_title: str
@@ -70,6 +90,10 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
     storage_commitment: bool = Field(
         False, description="Request Storage Commitment (N-ACTION) after C-STORE."
+    )
+    send: list[ResultKind] = Field(
+        default_factory=lambda: list[ResultKind](("SEG", "SR")),
+        description="Which result objects this destination receives.",
     )
 
 
@@ -119,6 +143,7 @@ class Settings(BaseSettings):
     study: StudySettings = StudySettings()
     destinations: list[Destination] = Field(default_factory=list)
     delivery: DeliverySettings = DeliverySettings()
+    derive: DeriveSettings = DeriveSettings()
     spool_dir: Path = Path("var/strokeseg")
     database_url: str = ""
     broker_url: str = ""
@@ -128,8 +153,17 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     log_level: str = "INFO"
 
+    @property
+    def overlay_enabled(self) -> bool:
+        enabled = self.derive.overlay.enabled
+        if enabled == "auto":
+            return any("OVERLAY" in d.send for d in self.destinations)
+        return bool(enabled)
+
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
+        if self.derive.overlay.enabled is False and any("OVERLAY" in d.send for d in self.destinations):
+            raise ValueError("a destination sends OVERLAY but derive.overlay.enabled is false")
         self.spool_dir = self.spool_dir.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.spool_dir / 'strokeseg.sqlite'}"

@@ -16,17 +16,17 @@ from pathlib import Path
 from pydicom import dcmread
 
 from service import metrics
-from service.config import Destination, Settings
+from service.config import DeriveSettings, Destination, Settings
 from service.db import Database, JobStore
 from service.db.commitment import CommitmentStore
 from service.deliver import StoreOutcome, store_objects
 from service.deliver.commitment import CommitmentRequest, request_commitment
-from service.derive import AlgorithmInfo, write_results
+from service.derive import AlgorithmInfo, GridGeometry, compute_lesion_findings, write_results
 from service.domain import DiffusionStudy, JobState, LesionSegmentation, ResultObject
 from service.errors import DeliveryError, GeometryError, StudyRefused
 from service.inference import LoadedModel, cached_model, segment_lesion
 from service.intake import load_study
-from service.preprocess import ProfileOptions
+from service.preprocess import ProfileOptions, brain_mask
 from service.scp.commitment import report_handlers
 from service.storage import Spool
 
@@ -42,7 +42,11 @@ class StudyResult:
 
 
 def algorithm_of(model: LoadedModel) -> AlgorithmInfo:
-    return AlgorithmInfo(name=model.card.name, version=model.card.version)
+    return AlgorithmInfo(
+        name=model.card.name,
+        version=model.card.version,
+        preprocessing_profile=model.card.preprocessing_profile,
+    )
 
 
 def segment_files(
@@ -50,11 +54,15 @@ def segment_files(
     model: LoadedModel,
     out_dir: Path,
     options: ProfileOptions | None = None,
+    derive: DeriveSettings | None = None,
+    *,
+    overlay: bool = False,
 ) -> StudyResult:
-    """Segment one study's files and write SEG + SR into ``out_dir``.
+    """Segment one study's files and write SEG + SR (+ overlay) into ``out_dir``.
 
     Raises :class:`StudyRefused` (with its reason) when the input is unusable.
     """
+    derive = derive or DeriveSettings()
     study = load_study(paths)
     started = time.perf_counter()
     segmentation = segment_lesion(study, model, options)
@@ -63,12 +71,26 @@ def segment_files(
         inference_s
     )
     try:
+        findings = compute_lesion_findings(
+            segmentation.mask,
+            segmentation.probability,
+            study.adc.voxels,
+            brain_mask(study.dwi),
+            GridGeometry.from_volume(study.dwi),
+            input_quality="; ".join(study.notes),
+            adc_core_threshold=derive.adc_core_threshold,
+        )
         objects = write_results(
             [frame.path for frame in study.dwi_sources],
             segmentation.mask,
             segmentation.lesion_volume_ml,
             algorithm_of(model),
             out_dir,
+            findings=findings,
+            core_volume_cutoffs_ml=derive.core_volume_cutoffs_ml,
+            overlay=overlay,
+            overlay_label=derive.overlay.label,
+            dwi_voxels=study.dwi.voxels,
         )
     except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
         raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
@@ -106,13 +128,14 @@ def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> li
     """Send to every destination; returns the list of problems (empty = all stored)."""
     problems: list[str] = []
     for destination in ctx.settings.destinations:
+        wanted = [obj for obj in objects if obj.kind in destination.send]
         try:
             outcomes: list[StoreOutcome] = store_objects(
-                destination, objects, calling_ae_title=ctx.settings.scp.ae_title
+                destination, wanted, calling_ae_title=ctx.settings.scp.ae_title
             )
         except DeliveryError as exc:
             problems.append(str(exc))
-            for obj in objects:
+            for obj in wanted:
                 ctx.store.record_delivery(
                     job_id,
                     destination=destination.name,
@@ -125,7 +148,7 @@ def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> li
                     detail=str(exc),
                 )
             metrics.DELIVERIES.labels(destination=destination.name, status="failed").inc(
-                len(objects)
+                len(wanted)
             )
             continue
         for outcome in outcomes:
@@ -193,7 +216,7 @@ def _request_commitment(
 def _existing_results(result_dir: Path) -> list[ResultObject]:
     """Result objects a previous attempt of this job already wrote (SEG first, then SR)."""
     objects = []
-    for kind in ("SEG", "SR"):
+    for kind in ("SEG", "SR", "OVERLAY"):
         for path in sorted(result_dir.glob(f"{kind}_*.dcm")):
             ds = dcmread(path, stop_before_pixels=True)
             objects.append(
@@ -239,7 +262,12 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
             paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
             model = ctx.model()
             result = segment_files(
-                paths, model, result_dir, ctx.settings.preprocess.profile_options()
+                paths,
+                model,
+                result_dir,
+                ctx.settings.preprocess.profile_options(),
+                ctx.settings.derive,
+                overlay=ctx.settings.overlay_enabled,
             )
             objects = result.objects
             fields.update(

@@ -1,4 +1,5 @@
-"""Round trips of the derived DICOM objects (SEG, TID 1500 SR) through files.
+"""Round trips of the derived DICOM objects (SEG, TID 1500 SR) through files,
+and the lesion findings the SR reports, checked against hand-made masks.
 
 Every object is written, read back with pydicom/highdicom as a receiver
 would, and (where dicom3tools is installed) checked with ``dciodvfy -new``.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -24,14 +25,21 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from service.derive import (
+    CORE_VOLUME_CUTOFFS_ML,
     AlgorithmInfo,
+    GridGeometry,
+    LesionFindings,
+    VolumeClass,
     build_lesion_seg,
     build_volume_report,
+    compute_lesion_findings,
+    grid_geometry,
+    read_lesion_findings,
     read_lesion_volume_ml,
     stable_uid,
     write_results,
 )
-from service.domain import ResultObject
+from service.domain import ImageVolume, ResultObject
 from tests.dicom_factory import make_dwi_series, make_sloppy, write_series
 from tests.peers import dciodvfy_errors
 
@@ -468,18 +476,32 @@ SOURCE_VARIANTS: dict[str, Callable[[list[Dataset]], list[Dataset]]] = {
 
 @pytest.mark.parametrize("variant", list(SOURCE_VARIANTS))
 def test_outputs_pass_dciodvfy(variant: str, tmp_path: Path) -> None:
-    """No dciodvfy Error in SEG or SR, however careless the source header."""
+    """No dciodvfy Error in SEG, SR or overlay, however careless the source header."""
     with warnings.catch_warnings():  # pydicom rightly warns about the sloppy values we set
         warnings.simplefilter("ignore")
         sources = SOURCE_VARIANTS[variant](make_dwi_series(N_SLICES, ROWS, COLUMNS))
         paths = write_series(sources, tmp_path / "src")
     mask = _lesion_mask()
     volume_ml = float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000.0
-    results = write_results(paths, mask, volume_ml, ALGORITHM, tmp_path / "out")
-    for result in results:
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    results = write_results(
+        paths,
+        mask,
+        volume_ml,
+        PROFILED,
+        tmp_path / "out",
+        findings=_findings_for(headers, mask),
+        core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
+        overlay=True,
+    )
+    seg, sr, *overlay = results
+    # every SEG/SR; of the overlay the first image and those showing the lesion
+    checked = [seg, sr, overlay[0], *overlay[8:11]]
+    for result in checked:
         _dcmread_strict(result.path)
         assert _dciodvfy_errors(result.path) == [], result.kind
-    assert read_lesion_volume_ml(pydicom.dcmread(results[1].path)) == pytest.approx(volume_ml)
+    assert read_lesion_volume_ml(pydicom.dcmread(sr.path)) == pytest.approx(volume_ml)
+    assert read_lesion_findings(pydicom.dcmread(sr.path)).lesion_count == 2
 
 
 def test_sloppy_sources_are_not_modified_and_text_survives(
@@ -524,3 +546,475 @@ def test_algorithm_info_validates_and_freezes() -> None:
         AlgorithmInfo("m" * 65, "1")
     with pytest.raises(ValueError, match="must not be empty"):
         AlgorithmInfo("m", " ")
+
+
+# ------------------------------------------------------------------- findings
+#
+# Hand-made masks on a grid where one voxel is exactly 0.1 mL
+# (2.0 mm x 2.5 mm x 20 mm), so volumes and classes can be checked by eye.
+
+VOXEL_ML = 0.1
+
+
+def _geometry(n_slices: int = 6) -> GridGeometry:
+    """A sagittal grid: columns run anterior->posterior (+y), rows superior->inferior (-z)."""
+    return GridGeometry(
+        slice_origins=np.array([[10.0 + 20.0 * k, -30.0, 40.0] for k in range(n_slices)]),
+        row_cosine=(0.0, 1.0, 0.0),
+        column_cosine=(0.0, 0.0, -1.0),
+        pixel_spacing=(2.0, 2.5),
+        slice_spacing=20.0,
+    )
+
+
+def _arrays(
+    shape: tuple[int, int, int] = (6, 12, 12),
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Probability 0, ADC 800 (normal brain) everywhere, brain = all voxels."""
+    return (
+        np.zeros(shape, np.float32),
+        np.full(shape, 800.0),
+        np.ones(shape, bool),
+    )
+
+
+def test_geometry_voxel_volume_and_positions() -> None:
+    geometry = _geometry()
+    assert geometry.voxel_volume_ml == pytest.approx(VOXEL_ML)
+    # slice 2, row 3, column 4: origin + 4 columns * 2.5 mm along +y + 3 rows * 2 mm along -z
+    assert geometry.to_patient([[2, 3, 4]])[0] == pytest.approx([50.0, -20.0, 34.0])
+    with pytest.raises(ValueError, match="spatial order"):
+        GridGeometry(
+            slice_origins=np.array([[0.0, 0, 0], [2.0, 0, 0], [1.0, 0, 0]]),
+            row_cosine=(0.0, 1.0, 0.0),
+            column_cosine=(0.0, 0.0, -1.0),
+            pixel_spacing=(1.0, 1.0),
+            slice_spacing=1.0,
+        )
+
+
+def test_geometry_from_headers_matches_domain_volume(headers: list[Dataset]) -> None:
+    from_headers = grid_geometry(headers)
+    assert from_headers.voxel_volume_ml == pytest.approx(3.5 * 3.5 * 5.5 / 1000.0)
+    volume = ImageVolume(
+        voxels=np.zeros((N_SLICES, ROWS, COLUMNS), np.float32),
+        origin=tuple(float(v) for v in headers[0].ImagePositionPatient),  # type: ignore[arg-type]
+        row_cosine=(1.0, 0.0, 0.0),
+        column_cosine=(0.0, 1.0, 0.0),
+        slice_cosine=(0.0, 0.0, 1.0),
+        pixel_spacing=(3.5, 3.5),
+        slice_spacing=5.5,
+    )
+    from_volume = GridGeometry.from_volume(volume)
+    assert from_volume.voxel_volume_ml == pytest.approx(volume.voxel_volume_ml)
+    idx = np.array([[0, 0, 0], [7, 12, 40], [19, 63, 63]])
+    assert np.allclose(from_headers.to_patient(idx), from_volume.to_patient(idx))
+    # the domain's own affine agrees: (column, row, slice, 1) -> mm
+    homogeneous = np.c_[idx[:, [2, 1, 0]], np.ones(3)]
+    assert np.allclose((volume.affine() @ homogeneous.T).T[:, :3], from_volume.to_patient(idx))
+
+
+def test_lesions_are_26_connected_components_numbered_by_volume() -> None:
+    mask = np.zeros((6, 12, 12), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = True  # corner contact only: one lesion with 26-connectivity
+    mask[4, 8:10, 8:11] = True  # 6 voxels, the largest
+    mask[0, 10, 0] = True  # isolated single voxel, raster-first among the 1-voxel... ties
+    mask[5, 0, 11] = True
+    probability, adc, brain = _arrays()
+    findings = compute_lesion_findings(mask, probability, adc, brain, _geometry())
+
+    assert findings.connectivity == 26
+    assert findings.lesion_count == 4
+    assert [lesion.voxel_count for lesion in findings.lesions] == [6, 2, 1, 1]
+    assert [lesion.number for lesion in findings.lesions] == [1, 2, 3, 4]
+    # equal sizes: the lesion whose first voxel comes first in (slice, row, column) order first
+    assert [lesion.first_slice for lesion in findings.lesions[2:]] == [0, 5]
+    assert findings.voxel_count == 10
+    assert findings.total_volume_ml == pytest.approx(10 * VOXEL_ML)
+    assert sum(lesion.volume_ml for lesion in findings.lesions) == pytest.approx(1.0)
+
+
+def test_per_lesion_numbers_by_hand() -> None:
+    geometry = _geometry()
+    mask = np.zeros((6, 12, 12), bool)
+    mask[2:4, 3:6, 4:7] = True  # 2 x 3 x 3 = 18 voxels = 1.8 mL
+    probability, adc, brain = _arrays()
+    probability[mask] = 0.9
+    adc[2, 3:6, 4:7] = 500.0
+    adc[3, 3:6, 4:7] = 700.0
+    adc[3, 5, 6] = 0.0  # a fit failure inside the lesion: ignored, not "restricted"
+    findings = compute_lesion_findings(mask, probability, adc, brain, geometry)
+
+    (lesion,) = findings.lesions
+    assert lesion.voxel_count == 18
+    assert lesion.volume_ml == pytest.approx(1.8)
+    assert lesion.volume_class is VolumeClass.MEDIUM
+    assert (lesion.first_slice, lesion.last_slice) == (2, 3)
+    # mean index (2.5, 4, 5): x = 10 + 20 * 2.5, y = -30 + 5 * 2.5, z = 40 - 4 * 2
+    assert lesion.centroid_mm == pytest.approx((60.0, -17.5, 32.0))
+    assert lesion.mean_adc == pytest.approx((9 * 500.0 + 8 * 700.0) / 17)
+    assert lesion.mean_probability == pytest.approx(0.9)
+    assert findings.mean_adc == pytest.approx(lesion.mean_adc)
+    assert findings.mean_probability == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("volume_ml", "expected"),
+    [(0.1, "small"), (1.69, "small"), (1.7, "medium"), (14.0, "medium"), (14.01, "large")],
+)
+def test_volume_class_cut_offs(volume_ml: float, expected: str) -> None:
+    assert VolumeClass.from_volume_ml(volume_ml) == expected
+
+
+def test_adc_core_volume_counts_brain_voxels_below_620_only() -> None:
+    mask = np.zeros((6, 12, 12), bool)
+    probability, adc, brain = _arrays()
+    brain[:, :, 10:] = False
+    adc[1, 0, 0:5] = 619.9  # 5 core voxels
+    adc[1, 1, 0:3] = 620.0  # at the threshold: not below it
+    adc[2, 0, 10:12] = 100.0  # outside the brain
+    adc[3, 0, 0] = 0.0  # fit failure
+    adc[3, 0, 1] = np.nan
+    adc[3, 0, 2] = -5.0
+    findings = compute_lesion_findings(mask, probability, adc, brain, _geometry())
+    assert findings.adc_core_volume_ml == pytest.approx(5 * VOXEL_ML)
+    assert findings.adc_core_threshold == 620.0
+    comparisons = findings.core_volume_comparisons()
+    assert [(c.cutoff_ml, c.below) for c in comparisons] == [
+        (21.0, True),
+        (31.0, True),
+        (51.0, True),
+        (70.0, True),
+    ]
+    # the core does not depend on the model's mask
+    mask[5, 5, 5] = True
+    probability[5, 5, 5] = 0.8
+    again = compute_lesion_findings(mask, probability, adc, brain, _geometry())
+    assert again.adc_core_volume_ml == findings.adc_core_volume_ml
+
+
+def test_core_volume_comparison_is_strictly_below() -> None:
+    mask = np.zeros((6, 12, 12), bool)
+    probability, adc, brain = _arrays()
+    adc.reshape(-1)[:210] = 300.0  # 210 voxels = 21.0 mL
+    findings = compute_lesion_findings(mask, probability, adc, brain, _geometry())
+    assert findings.adc_core_volume_ml == pytest.approx(21.0)
+    below = {c.cutoff_ml: c.below for c in findings.core_volume_comparisons((70, 21, 31))}
+    assert below == {21.0: False, 31.0: True, 70.0: True}
+
+
+def test_borderline_fraction_by_hand() -> None:
+    mask = np.zeros((6, 12, 12), bool)
+    probability, adc, brain = _arrays()
+    flat = probability.reshape(-1)
+    flat[:6] = 0.9  # confident
+    flat[6:9] = [0.3, 0.5, 0.7]  # borderline, both ends included
+    flat[9:12] = [0.29, 0.1, 0.2]  # not candidates
+    mask.reshape(-1)[:7] = True
+    findings = compute_lesion_findings(mask, probability, adc, brain, _geometry())
+    assert findings.borderline_fraction == pytest.approx(3 / 9)
+    assert findings.mean_probability == pytest.approx((6 * 0.9 + 0.3) / 7)
+
+
+def test_zero_lesion_findings() -> None:
+    probability, adc, brain = _arrays()
+    probability[0, 0, 0] = 0.2
+    findings = compute_lesion_findings(
+        np.zeros((6, 12, 12), bool), probability, adc, brain, _geometry()
+    )
+    assert findings.lesion_count == 0 and findings.lesions == ()
+    assert findings.total_volume_ml == 0.0
+    assert findings.mean_adc is None and findings.mean_probability is None
+    assert findings.borderline_fraction == 0.0
+    assert findings.adc_core_volume_ml == 0.0
+
+
+def test_findings_refuse_wrong_inputs() -> None:
+    mask = np.zeros((6, 12, 12), bool)
+    probability, adc, brain = _arrays()
+    with pytest.raises(ValueError, match="1e-6 mm2/s"):
+        compute_lesion_findings(mask, probability, adc / 1e6, brain, _geometry())  # mm2/s
+    with pytest.raises(ValueError, match="within \\[0, 1\\]"):
+        compute_lesion_findings(mask, probability + 2.0, adc, brain, _geometry())
+    with pytest.raises(ValueError, match="shape"):
+        compute_lesion_findings(mask, probability[:5], adc, brain, _geometry())
+    with pytest.raises(ValueError, match="geometry has 5 slices"):
+        compute_lesion_findings(mask, probability, adc, brain, _geometry(5))
+    with pytest.raises(ValueError, match="boolean"):
+        compute_lesion_findings(mask.astype(float), probability, adc, brain, _geometry())
+
+
+# ------------------------------------------------------------- SR with findings
+
+
+def _multi_lesion_mask() -> npt.NDArray[np.bool_]:
+    """A large (16.2 mL), a medium (2.0 mL) and a small (0.07 mL) lesion."""
+    mask = np.zeros((N_SLICES, ROWS, COLUMNS), dtype=bool)
+    mask[8:11, 20:30, 25:33] = True  # 240 voxels
+    mask[14, 40:46, 40:45] = True  # 30 voxels
+    mask[4, 10, 50] = True  # 1 voxel
+    return mask
+
+
+def _study_arrays(
+    mask: npt.NDArray[np.bool_],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    probability = np.where(mask, 0.95, 0.02).astype(np.float32)
+    adc = np.full(mask.shape, 780.0)
+    adc[mask] = 480.0
+    if mask.shape[0] == N_SLICES:
+        probability[8, 19, 25:33] = 0.45  # a borderline rim outside the mask
+        adc[14][mask[14]] = 650.0  # the medium lesion is not below 620
+    brain = np.zeros(mask.shape, bool)
+    brain[:, 8:56, 8:56] = True
+    return probability, adc, brain
+
+
+def _findings_for(
+    headers: Sequence[Dataset], mask: npt.NDArray[np.bool_], quality: str = "scanner ADC; no issues"
+) -> LesionFindings:
+    probability, adc, brain = _study_arrays(mask)
+    return compute_lesion_findings(
+        mask, probability, adc, brain, grid_geometry(headers), input_quality=quality
+    )
+
+
+PROFILED = AlgorithmInfo(
+    name="strokeseg-unet",
+    version="1.2.0",
+    parameters={"threshold": "0.5"},
+    preprocessing_profile="dwi-median-adc-fixed-v1",
+)
+
+
+def test_sr_with_findings_round_trip(headers: list[Dataset], tmp_path: Path) -> None:
+    mask = _multi_lesion_mask()
+    findings = _findings_for(headers, mask)
+    seg = build_lesion_seg(headers, mask, algorithm=PROFILED)
+    sr = build_volume_report(
+        seg,
+        headers,
+        findings.total_volume_ml,
+        algorithm=PROFILED,
+        findings=findings,
+        core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
+    )
+    path = _save(sr, tmp_path / "sr.dcm")
+    ds = _dcmread_strict(path)
+    assert _dciodvfy_errors(path) == []
+
+    voxel_ml = 3.5 * 3.5 * 5.5 / 1000.0
+    assert read_lesion_volume_ml(ds) == pytest.approx(271 * voxel_ml)
+    got = read_lesion_findings(ds)
+    assert got.lesion_present
+    assert got.lesion_count == 3
+    assert got.lesion_count_method == "3-D connected components, 26-connectivity"
+    assert got.mean_adc == pytest.approx((240 * 480.0 + 30 * 650.0 + 480.0) / 271)
+    assert got.mean_probability == pytest.approx(0.95, abs=1e-6)
+    assert got.borderline_fraction == pytest.approx(8 / (271 + 8))
+    assert got.input_quality == "scanner ADC; no issues"
+    assert got.adc_core_volume_ml == pytest.approx(241 * voxel_ml)  # large + small lesion
+    assert got.core_volume_below == {21.0: True, 31.0: True, 51.0: True, 70.0: True}
+    assert any("not treatment advice" in c and "DEFUSE-3" in c for c in got.comments)
+    assert any(c.startswith("Voxel count of ADC below 620 um2/s") for c in got.comments)
+    assert (got.algorithm_name, got.algorithm_version) == ("strokeseg-unet", "1.2.0")
+    assert got.algorithm_parameters == (
+        "threshold=0.5",
+        "preprocessing_profile=dwi-median-adc-fixed-v1",
+    )
+    assert got.private_schemes == ("99STROKESEG",)
+
+    large, medium, small = got.lesions
+    assert [lesion.identifier for lesion in got.lesions] == [
+        "Lesion 1 of 3",
+        "Lesion 2 of 3",
+        "Lesion 3 of 3",
+    ]
+    assert [lesion.size for lesion in got.lesions] == ["large", "medium", "small"]
+    assert large.volume_ml == pytest.approx(240 * voxel_ml)
+    assert medium.volume_ml == pytest.approx(30 * voxel_ml)
+    assert small.volume_ml == pytest.approx(voxel_ml)
+    assert (large.slice_indices, large.instance_numbers) == ((8, 10), (9, 11))
+    assert large.source_sop_instance_uids == tuple(h.SOPInstanceUID for h in headers[8:11])
+    assert medium.mean_adc == pytest.approx(650.0)
+    # centroid by hand: factory origin -110.25 mm in-plane, z = -52.25 + 5.5 * slice
+    assert large.centroid_mm == pytest.approx(
+        (-110.25 + 28.5 * 3.5, -110.25 + 24.5 * 3.5, -52.25 + 9 * 5.5)
+    )
+    assert small.centroid_mm == pytest.approx(
+        (-110.25 + 50 * 3.5, -110.25 + 10 * 3.5, -52.25 + 4 * 5.5)
+    )
+    for reported, computed in zip(got.lesions, findings.lesions, strict=True):
+        assert reported.centroid_mm == pytest.approx(computed.centroid_mm, abs=1e-3)
+
+    # the raw encoding a non-highdicom consumer would see
+    items = list(_content_items(ds.ContentSequence))
+    units = {
+        i.ConceptNameCodeSequence[0].CodeValue: i.MeasuredValueSequence[0]
+        .MeasurementUnitsCodeSequence[0]
+        .CodeValue
+        for i in items
+        if i.ValueType == "NUM"
+    }
+    assert units["113041"] == "um2/s"  # ADC in UCUM um2/s (= 1e-6 mm2/s)
+    assert units["246206008"] == "1"  # SCT Number of lesions
+    assert units["118565006"] == "mL"
+    points = [i for i in items if i.ValueType == "SCOORD3D"]
+    assert len(points) == 3 and {p.GraphicType for p in points} == {"POINT"}
+    assert {p.ReferencedFrameOfReferenceUID for p in points} == {headers[0].FrameOfReferenceUID}
+    purposes = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "130400"
+    ]
+    assert purposes == ["128138"] * 3  # Center of Mass
+    sizes = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "112025"
+    ]
+    assert sizes == ["255509001", "255508009", "255507004"]  # SCT Large, Medium, Small
+    (scheme,) = ds.CodingSchemeIdentificationSequence
+    assert scheme.CodingSchemeDesignator == "99STROKESEG"
+    private = {
+        (c.CodingSchemeDesignator, c.CodeValue)
+        for i in items
+        for c in (*i.get("ConceptNameCodeSequence", []), *i.get("ConceptCodeSequence", []))
+        if c.CodingSchemeDesignator.startswith("99")
+    }
+    assert {v for _, v in private} == {
+        "CC3D26",
+        "MEANPROB",
+        "BORDER0.3-0.7",
+        "SLICERANGE",
+        "ADCLT620",
+        "CORELT21",
+        "CORELT31",
+        "CORELT51",
+        "CORELT70",
+    }
+
+
+def test_sr_with_findings_and_no_lesion(headers: list[Dataset], tmp_path: Path) -> None:
+    mask = np.zeros((N_SLICES, ROWS, COLUMNS), dtype=bool)
+    findings = _findings_for(headers, mask)
+    seg = build_lesion_seg(headers, mask, algorithm=PROFILED)
+    sr = build_volume_report(
+        seg, headers, 0.0, algorithm=PROFILED, findings=findings, core_volume_cutoffs_ml=(21,)
+    )
+    path = _save(sr, tmp_path / "sr.dcm")
+    assert _dciodvfy_errors(path) == []
+    got = read_lesion_findings(_dcmread_strict(path))
+    assert not got.lesion_present
+    assert got.lesion_volume_ml == 0.0 and got.lesion_count == 0 and got.lesions == ()
+    assert got.mean_adc is None and got.mean_probability is None
+    assert got.adc_core_volume_ml == 0.0 and got.core_volume_below == {21.0: True}
+
+
+def test_sr_without_findings_reads_back_without_them(headers: list[Dataset]) -> None:
+    seg = build_lesion_seg(headers, _lesion_mask(), algorithm=ALGORITHM)
+    sr = build_volume_report(seg, headers, 2.5, algorithm=ALGORITHM)
+    got = read_lesion_findings(sr)
+    assert got.lesion_volume_ml == pytest.approx(2.5)
+    assert got.lesion_count is None and got.lesions == () and got.adc_core_volume_ml is None
+    assert "CodingSchemeIdentificationSequence" not in sr
+
+
+def test_sr_itemises_at_most_max_lesions(headers: list[Dataset]) -> None:
+    mask = np.zeros((N_SLICES, ROWS, COLUMNS), dtype=bool)
+    mask[5, 10:20:2, 10:20:2] = True  # 25 single-voxel lesions
+    mask[6, 30:34, 30:34] = True
+    findings = _findings_for(headers, mask)
+    seg = build_lesion_seg(headers, mask, algorithm=ALGORITHM)
+    sr = build_volume_report(
+        seg,
+        headers,
+        findings.total_volume_ml,
+        algorithm=ALGORITHM,
+        findings=findings,
+        max_itemised_lesions=2,
+    )
+    got = read_lesion_findings(sr)
+    assert got.lesion_count == 26
+    assert [lesion.identifier for lesion in got.lesions] == ["Lesion 1 of 26", "Lesion 2 of 26"]
+    assert any(c.startswith("24 further lesions") for c in got.comments)
+
+
+def test_sr_refuses_findings_of_another_mask(headers: list[Dataset]) -> None:
+    mask = _multi_lesion_mask()
+    findings = _findings_for(headers, mask)
+    seg = build_lesion_seg(headers, mask, algorithm=ALGORITHM)
+    with pytest.raises(ValueError, match="same mask"):
+        build_volume_report(seg, headers, 1.0, algorithm=ALGORITHM, findings=findings)
+    with pytest.raises(ValueError, match="need findings"):
+        build_volume_report(seg, headers, 1.0, algorithm=ALGORITHM, core_volume_cutoffs_ml=(21,))
+    other = _findings_for(headers[:10], mask[:10])
+    with pytest.raises(ValueError, match="10 slices"):
+        build_volume_report(
+            seg, headers, other.total_volume_ml, algorithm=ALGORITHM, findings=other
+        )
+
+
+def test_write_results_with_findings_and_overlay(
+    source_paths: list[Path], headers: list[Dataset], tmp_path: Path
+) -> None:
+    mask = _multi_lesion_mask()
+    findings = _findings_for(headers, mask)
+    out_dir = tmp_path / "out"
+    uids = {
+        "seg_series_instance_uid": stable_uid("job-7", "seg-series"),
+        "seg_sop_instance_uid": stable_uid("job-7", "seg"),
+        "sr_series_instance_uid": stable_uid("job-7", "sr-series"),
+        "sr_sop_instance_uid": stable_uid("job-7", "sr"),
+        "overlay_series_instance_uid": stable_uid("job-7", "overlay-series"),
+    }
+
+    def run() -> list[ResultObject]:
+        return write_results(
+            source_paths,
+            mask,
+            findings.total_volume_ml,
+            PROFILED,
+            out_dir,
+            findings=findings,
+            core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
+            overlay=True,
+            overlay_label="TEST SITE - RESEARCH ONLY",
+            **uids,  # type: ignore[arg-type]
+        )
+
+    results = run()
+    assert [r.kind for r in results] == ["SEG", "SR"] + ["OVERLAY"] * N_SLICES
+    overlay = results[2:]
+    assert {r.series_instance_uid for r in overlay} == {uids["overlay_series_instance_uid"]}
+    assert all(r.path.name == f"OVERLAY_{r.sop_instance_uid}.dcm" for r in overlay)
+    assert read_lesion_findings(pydicom.dcmread(results[1].path)).lesion_count == 3
+    first = pydicom.dcmread(overlay[0].path)
+    assert first.ImageComments.startswith("TEST SITE - RESEARCH ONLY")
+    again = run()
+    assert [r.path for r in again] == [r.path for r in results]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(r.path.name for r in results)
+
+
+def test_write_results_refuses_findings_of_another_mask(
+    source_paths: list[Path], headers: list[Dataset], tmp_path: Path
+) -> None:
+    findings = _findings_for(headers, _multi_lesion_mask())
+    with pytest.raises(ValueError, match="same mask"):
+        write_results(
+            source_paths, _lesion_mask(), 1.0, ALGORITHM, tmp_path / "out", findings=findings
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_algorithm_info_preprocessing_profile(headers: list[Dataset]) -> None:
+    assert (
+        PROFILED.parameters_text() == "threshold=0.5,preprocessing_profile=dwi-median-adc-fixed-v1"
+    )
+    seg = build_lesion_seg(headers, _lesion_mask(), algorithm=PROFILED)
+    (algo,) = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
+    assert algo.AlgorithmParameters == PROFILED.parameters_text()
+    with pytest.raises(ValueError, match="as preprocessing_profile"):
+        AlgorithmInfo("m", "1", parameters={"preprocessing_profile": "x"})
+    with pytest.raises(ValueError, match="must not contain"):
+        AlgorithmInfo("m", "1", preprocessing_profile="a,b")

@@ -1,10 +1,15 @@
 """Derive stage: turn a lesion mask and its volume into DICOM objects for PACS.
 
+* :func:`compute_lesion_findings` -- count, per-lesion volume/location/class,
+  ADC and quality numbers as a frozen :class:`LesionFindings` (numpy/scipy);
 * :func:`build_lesion_seg` -- the mask as a BINARY SEG in the source study;
-* :func:`build_volume_report` -- the volume as a TID 1500 Comprehensive 3D SR
-  referencing that SEG; :func:`read_lesion_volume_ml` reads it back;
-* :func:`write_results` -- both, from source files to files in an output
-  folder, as :class:`service.domain.ResultObject` for the delivery stage.
+* :func:`build_volume_report` -- the volume (and, given findings, everything
+  else) as a TID 1500 Comprehensive 3D SR referencing that SEG;
+  :func:`read_lesion_volume_ml` and :func:`read_lesion_findings` read it back;
+* :func:`build_overlay_series` -- RGB Secondary Capture images with the lesion
+  outlined over the DWI, for viewers that do not render SEG;
+* :func:`write_results` -- all of them, from source files to files in an
+  output folder, as :class:`service.domain.ResultObject` for the delivery stage.
 
 Everything here is pure construction from typed inputs; nothing talks to the
 network or the database.
@@ -21,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
 
 from service.derive.algorithm import (
     AlgorithmInfo,
@@ -35,12 +41,42 @@ from service.derive.concepts import (
     MILLILITER,
     stable_uid,
 )
+from service.derive.findings import (
+    ADC_CORE_THRESHOLD,
+    CORE_VOLUME_CUTOFFS_ML,
+    GridGeometry,
+    Lesion,
+    LesionFindings,
+    VolumeClass,
+    compute_lesion_findings,
+)
+from service.derive.overlay import DEFAULT_OVERLAY_LABEL, build_overlay_series
 from service.derive.part10 import save_atomically
 from service.derive.seg import build_lesion_seg
-from service.derive.sr import build_volume_report, read_lesion_volume_ml
+from service.derive.sources import grid_geometry
+from service.derive.sr import (
+    ReportedFindings,
+    ReportedLesion,
+    build_volume_report,
+    read_lesion_findings,
+    read_lesion_volume_ml,
+)
 from service.domain import ResultObject
 
 __all__ = [
+    "ADC_CORE_THRESHOLD",
+    "CORE_VOLUME_CUTOFFS_ML",
+    "DEFAULT_OVERLAY_LABEL",
+    "GridGeometry",
+    "Lesion",
+    "LesionFindings",
+    "ReportedFindings",
+    "ReportedLesion",
+    "VolumeClass",
+    "build_overlay_series",
+    "compute_lesion_findings",
+    "grid_geometry",
+    "read_lesion_findings",
     "AlgorithmInfo",
     "algorithm_identification_sequence",
     "sr_algorithm_identification",
@@ -66,6 +102,25 @@ def _read_headers(source_paths: Sequence[Path]) -> list[Dataset]:
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in source_paths]
 
 
+def _read_dwi(source_paths: Sequence[Path]) -> tuple[list[Dataset], npt.NDArray[np.float64]]:
+    """Full sources and their pixels after the modality LUT, for the overlay."""
+    datasets: list[Dataset] = [pydicom.dcmread(p) for p in source_paths]
+    voxels = np.stack(
+        [np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64) for ds in datasets]
+    )
+    return datasets, voxels
+
+
+def _check_findings(findings: LesionFindings, mask: npt.NDArray[Any]) -> None:
+    if findings.shape != mask.shape:
+        raise ValueError(f"findings are for shape {findings.shape}, the mask is {mask.shape}")
+    if findings.voxel_count != int(np.count_nonzero(mask)):
+        raise ValueError(
+            f"findings count {findings.voxel_count} lesion voxels, the mask "
+            f"{int(np.count_nonzero(mask))}; they must describe the same mask"
+        )
+
+
 def write_results(
     source_paths: Sequence[Path],
     mask: npt.NDArray[np.bool_] | npt.NDArray[np.integer[Any]],
@@ -82,23 +137,44 @@ def write_results(
     seg_sop_instance_uid: str | None = None,
     sr_series_instance_uid: str | None = None,
     sr_sop_instance_uid: str | None = None,
+    findings: LesionFindings | None = None,
+    core_volume_cutoffs_ml: Sequence[float] = (),
+    overlay: bool = False,
+    overlay_label: str = DEFAULT_OVERLAY_LABEL,
+    dwi_voxels: npt.ArrayLike | None = None,
+    overlay_window: tuple[float, float] | None = None,
+    overlay_series_number: int = 9903,
+    overlay_series_instance_uid: str | None = None,
 ) -> list[ResultObject]:
-    """Build the SEG and the SR and save them as ``out_dir/SEG_<uid>.dcm`` / ``SR_<uid>.dcm``.
+    """Build the SEG, the SR and optionally the overlay, and save them in ``out_dir``.
 
-    ``mask[i]`` lies on the image in ``source_paths[i]``.  Both objects are
-    built before either is written, so a construction error leaves nothing
-    behind; each file appears atomically.  Give the four UIDs (e.g. from
-    :func:`stable_uid` with the job key) to make a re-run overwrite the same
-    files and let PACS replace rather than duplicate the objects.
+    Files: ``SEG_<uid>.dcm``, ``SR_<uid>.dcm`` and, with ``overlay=True``,
+    one ``OVERLAY_<uid>.dcm`` per DWI slice.  ``mask[i]`` lies on the image
+    in ``source_paths[i]``.  All objects are built before any is written, so
+    a construction error leaves nothing behind; each file appears atomically.
+    Give the UIDs (e.g. from :func:`stable_uid` with the job key) to make a
+    re-run overwrite the same files and let PACS replace rather than
+    duplicate the objects (overlay images derive theirs from
+    ``overlay_series_instance_uid``).
 
-    Returns ``[SEG, SR]`` as :class:`ResultObject`.
+    ``findings`` (from :func:`compute_lesion_findings` on this mask) make the
+    SR report count, per-lesion numbers, ADC, ADC core and quality, and the
+    overlay print them; ``core_volume_cutoffs_ml`` adds the labelled
+    core-volume comparisons.  The overlay windows ``dwi_voxels`` (the DWI
+    values, slice ``i`` on ``source_paths[i]``) or, when not given, the
+    source files' pixels after their modality LUT; ``overlay_label`` is
+    burned into every image.
+
+    Returns ``[SEG, SR, OVERLAY...]`` as :class:`ResultObject` (kind
+    ``"SEG"``, ``"SR"``, ``"OVERLAY"``; overlay images in display order).
 
     Raises
     ------
     ValueError
-        On inconsistent inputs: see :func:`build_lesion_seg` and
-        :func:`build_volume_report`; also when the mask is empty but the volume
-        is not zero, or the other way round (a unit or wiring mistake).
+        On inconsistent inputs: see :func:`build_lesion_seg`,
+        :func:`build_volume_report` and :func:`build_overlay_series`; also
+        when the mask is empty but the volume is not zero, or the other way
+        round, or ``findings`` describe another mask (wiring mistakes).
     """
     mask_arr = np.asarray(mask)
     volume = float(lesion_volume_ml)
@@ -109,7 +185,15 @@ def write_results(
         )
     if len(source_paths) == 0:
         raise ValueError("at least one source image path is required")
-    sources = _read_headers(source_paths)
+    if findings is not None:
+        _check_findings(findings, mask_arr)
+    dwi: npt.NDArray[np.float64] | None = None
+    if overlay and dwi_voxels is None:
+        sources, dwi = _read_dwi(source_paths)
+    else:
+        sources = _read_headers(source_paths)
+        if overlay:
+            dwi = np.asarray(dwi_voxels, dtype=np.float64)
 
     seg = build_lesion_seg(
         sources,
@@ -133,10 +217,31 @@ def write_results(
         device_serial_number=device_serial_number,
         series_instance_uid=sr_series_instance_uid,
         sop_instance_uid=sr_sop_instance_uid,
+        findings=findings,
+        core_volume_cutoffs_ml=core_volume_cutoffs_ml,
     )
+    objects: list[tuple[str, Dataset]] = [("SEG", seg), ("SR", sr)]
+    if overlay:
+        assert dwi is not None
+        images = build_overlay_series(
+            sources,
+            dwi,
+            mask_arr,
+            lesion_volume_ml=volume,
+            algorithm=algorithm,
+            label=overlay_label,
+            findings=findings,
+            window=overlay_window,
+            series_number=overlay_series_number,
+            manufacturer=manufacturer,
+            software_version=software_version,
+            device_serial_number=device_serial_number,
+            series_instance_uid=overlay_series_instance_uid,
+        )
+        objects.extend(("OVERLAY", image) for image in images)
 
     results: list[ResultObject] = []
-    for kind, ds in (("SEG", seg), ("SR", sr)):
+    for kind, ds in objects:
         path = save_atomically(ds, Path(out_dir) / f"{kind}_{ds.SOPInstanceUID}.dcm")
         results.append(
             ResultObject(
@@ -153,6 +258,7 @@ def write_results(
             "study_instance_uid": str(seg.StudyInstanceUID),
             "seg_sop_instance_uid": results[0].sop_instance_uid,
             "sr_sop_instance_uid": results[1].sop_instance_uid,
+            "overlay_images": len(results) - 2,
         },
     )
     return results

@@ -7,6 +7,12 @@ a registry or an auditor can tell which model version drew a lesion.  One
 frozen :class:`AlgorithmInfo` feeds both, so the two objects can never
 disagree about it.
 
+The preprocessing profile the model card names (how DWI/ADC intensities were
+normalised for this model) is part of the algorithm's identity: the same
+weights behind another profile give other masks.  It is written as the
+algorithm parameter ``preprocessing_profile=<name>`` in both the SEG's
+AlgorithmParameters and the SR's TID 4019 "Algorithm Parameters" TEXT items.
+
 The values end up in LO (64 characters, no backslash) and LT elements, and
 highdicom 0.28 writes them without checking; we check here so that a bad model
 card fails when the card is loaded, not when a DICOM validator or a PACS
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _LO_MAX = 64
 _LT_MAX = 10240
+_PROFILE_KEY = "preprocessing_profile"
 
 
 def _check_lo(what: str, value: str, *, required: bool) -> None:
@@ -51,6 +58,8 @@ class AlgorithmInfo:
     ``parameters`` are written as ``key=value`` pairs joined by commas (that is
     how highdicom encodes AlgorithmParameters), so keys and values must not
     contain ``,`` or ``=``; otherwise a reader could not split them again.
+    ``preprocessing_profile`` (the model card's profile name) is written as
+    the last such pair, ``preprocessing_profile=<name>``.
     """
 
     name: str
@@ -59,6 +68,7 @@ class AlgorithmInfo:
     source: str = "strokeseg"
     # A dict is unhashable: leave it out of the generated __hash__.
     parameters: dict[str, str] | None = field(default=None, hash=False)
+    preprocessing_profile: str | None = None
 
     def __post_init__(self) -> None:
         _check_lo("name", self.name, required=True)
@@ -79,14 +89,30 @@ class AlgorithmInfo:
                     raise ValueError("algorithm parameter names must not be empty")
             # Copy so that a caller mutating its dict cannot change a frozen value.
             object.__setattr__(self, "parameters", dict(self.parameters))
-            if len(self.parameters_text() or "") > _LT_MAX:
-                raise ValueError(f"algorithm parameters exceed {_LT_MAX} characters")
+            if _PROFILE_KEY in self.parameters:
+                raise ValueError(
+                    f"give the profile as preprocessing_profile, not as parameter {_PROFILE_KEY!r}"
+                )
+        if self.preprocessing_profile is not None:
+            _check_lo("preprocessing profile", self.preprocessing_profile, required=True)
+            if "," in self.preprocessing_profile or "=" in self.preprocessing_profile:
+                raise ValueError("preprocessing profile must not contain ',' or '='")
+        if len(self.parameters_text() or "") > _LT_MAX:
+            raise ValueError(f"algorithm parameters exceed {_LT_MAX} characters")
+
+    def all_parameters(self) -> dict[str, str]:
+        """``parameters`` plus ``preprocessing_profile`` (last), as written to DICOM."""
+        merged = dict(self.parameters or {})
+        if self.preprocessing_profile is not None:
+            merged[_PROFILE_KEY] = self.preprocessing_profile
+        return merged
 
     def parameters_text(self) -> str | None:
         """AlgorithmParameters exactly as highdicom encodes it, or None."""
-        if not self.parameters:
+        merged = self.all_parameters()
+        if not merged:
             return None
-        return ",".join(f"{k}={v}" for k, v in self.parameters.items())
+        return ",".join(f"{k}={v}" for k, v in merged.items())
 
     @property
     def family_code(self) -> hd.sr.CodedConcept:
@@ -113,7 +139,7 @@ def algorithm_identification_sequence(info: AlgorithmInfo) -> hd.AlgorithmIdenti
         family=info.family_code,
         version=info.version,
         source=info.source or None,
-        parameters=info.parameters or None,
+        parameters=info.all_parameters() or None,
     )
 
 
@@ -123,7 +149,7 @@ def sr_algorithm_identification(info: AlgorithmInfo) -> hd.sr.AlgorithmIdentific
     TID 4019 stores each parameter as its own TEXT item; we write them in the
     same ``key=value`` form as the SEG so the two are trivially comparable.
     """
-    params = [f"{k}={v}" for k, v in info.parameters.items()] if info.parameters else None
+    params = [f"{k}={v}" for k, v in info.all_parameters().items()] or None
     return hd.sr.AlgorithmIdentification(
         name=info.name,
         version=info.version,

@@ -4,6 +4,19 @@ Both objects describe the same finding; keeping its codes in one place means
 a reader can join the SR's measurement group to the SEG's segment by code as
 well as by UID.  Codes that pydicom's ``codes`` lacks (Infarct, millilitre)
 are built here once.
+
+Standard codes come first (SCT, DCM, LOINC, UCUM; each comment names where
+it is listed).  Only where no standard concept exists do we use the private
+coding scheme ``99STROKESEG`` (the ``99`` prefix is PS3.16's rule for local
+designators); every SR declares it in its CodingSchemeIdentificationSequence
+(highdicom passes ``coding_schemes=`` through to the SOP class), so a reader
+can tell whose codes they are.  Private codes whose meaning contains a
+parameter (a threshold, a cut-off) put the parameter in the code value too:
+one code value never means two different things.
+
+ADC unit: UCUM ``um2/s`` (1 um2/s = 1e-12 m2/s = 1e-6 mm2/s, exactly our
+ADC unit).  DICOM CID 7181 also lists ``10-6.mm2/s``, but that string is not
+valid UCUM (UCUM writes powers of ten as ``10*-6``); ``um2/s`` is.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ import logging
 import uuid
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 
 __all__ = [
@@ -33,6 +47,27 @@ __all__ = [
     "DEFAULT_DEVICE_SERIAL_NUMBER",
     "stable_uid",
     "device_observer_uid",
+    "PRIVATE_SCHEME",
+    "private_code",
+    "private_coding_scheme",
+    "NUMBER_OF_LESIONS",
+    "NO_UNITS",
+    "APPARENT_DIFFUSION_COEFFICIENT",
+    "UM2_PER_S",
+    "MEAN",
+    "SIZE_DESCRIPTOR",
+    "SIZE_VALUES",
+    "CENTER_OF_MASS",
+    "IMAGE_QUALITY",
+    "COMMENT",
+    "YES",
+    "NO",
+    "CONNECTED_COMPONENTS_26",
+    "MEAN_LESION_PROBABILITY",
+    "SLICE_RANGE",
+    "borderline_fraction_code",
+    "adc_core_method_code",
+    "core_volume_below_code",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,6 +94,92 @@ BRAIN_MRI = hd.sr.CodedConcept.from_code(codes.LN.BrainMRI)
 PRESENCE_OF_PROPERTY = hd.sr.CodedConcept.from_code(codes.DCM.PresenceOfProperty)
 PRESENT = hd.sr.CodedConcept.from_code(codes.DCM.Present)
 ABSENT = hd.sr.CodedConcept.from_code(codes.DCM.Absent)
+
+#: SCT 246206008 "Number of lesions" (observable entity).
+NUMBER_OF_LESIONS = hd.sr.CodedConcept("246206008", "SCT", "Number of lesions")
+#: UCUM "1" (CID 7181): a count has no unit.
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+#: DCM 113041 (CID 218/7180).
+APPARENT_DIFFUSION_COEFFICIENT = hd.sr.CodedConcept.from_code(
+    codes.DCM.ApparentDiffusionCoefficient
+)
+#: UCUM um2/s (CID 7181/7277) = 1e-6 mm2/s; see the module docstring.
+UM2_PER_S = hd.sr.CodedConcept("um2/s", "UCUM", "um2/s")
+#: SCT 373098007 "Mean" (CID 7464, as the measurement's Derivation).
+MEAN = hd.sr.CodedConcept("373098007", "SCT", "Mean")
+#: DCM 112025 "Size Descriptor" with CID 252 "S-M-L Size Descriptor" values.
+SIZE_DESCRIPTOR = hd.sr.CodedConcept("112025", "DCM", "Size Descriptor")
+SIZE_VALUES: dict[str, hd.sr.CodedConcept] = {
+    "small": hd.sr.CodedConcept("255507004", "SCT", "Small"),
+    "medium": hd.sr.CodedConcept("255508009", "SCT", "Medium"),
+    "large": hd.sr.CodedConcept("255509001", "SCT", "Large"),
+}
+#: DCM 128138 "Center of Mass" (CID 219): the geometric purpose of a lesion's point ROI.
+CENTER_OF_MASS = hd.sr.CodedConcept("128138", "DCM", "Center of Mass")
+#: DCM 111101 "Image Quality": concept name of the input-quality text.
+IMAGE_QUALITY = hd.sr.CodedConcept("111101", "DCM", "Image Quality")
+#: DCM 121106 "Comment".
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+#: SCT 373066001 / 373067005 (CID 230 "Yes-No").
+YES = hd.sr.CodedConcept("373066001", "SCT", "Yes")
+NO = hd.sr.CodedConcept("373067005", "SCT", "No")
+
+#: Our private coding scheme designator (see the module docstring).
+PRIVATE_SCHEME = "99STROKESEG"
+_SH_MAX, _LO_MAX = 16, 64
+
+
+def private_code(value: str, meaning: str) -> hd.sr.CodedConcept:
+    """A concept of the ``99STROKESEG`` scheme; value <= 16 and meaning <= 64 characters."""
+    if not value or len(value) > _SH_MAX or not meaning or len(meaning) > _LO_MAX:
+        raise ValueError(f"private code {value!r} / {meaning!r} does not fit SH/LO")
+    return hd.sr.CodedConcept(value, PRIVATE_SCHEME, meaning)
+
+
+def private_coding_scheme() -> CodingSchemeIdentificationItem:
+    """The CodingSchemeIdentificationSequence item that declares ``99STROKESEG``."""
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name="strokeseg local codes",
+        responsible_organization="strokeseg",
+    )
+
+
+#: Measurement method of the lesion count.
+CONNECTED_COMPONENTS_26 = private_code("CC3D26", "3-D connected components, 26-connectivity")
+#: Mean of the model's probability over the lesion voxels.
+MEAN_LESION_PROBABILITY = private_code("MEANPROB", "Mean lesion probability")
+#: Text: a lesion's slices as InstanceNumbers and indices.
+SLICE_RANGE = private_code("SLICERANGE", "Slice range")
+
+
+def _num(value: float) -> str:
+    """``value`` for a code value: shortest form, '.' kept (21 -> '21', 0.3 -> '0.3')."""
+    return f"{value:g}"
+
+
+def borderline_fraction_code(low: float, high: float) -> hd.sr.CodedConcept:
+    """Fraction of voxels with probability in [low, high] among those >= low."""
+    return private_code(
+        f"BORDER{_num(low)}-{_num(high)}",
+        f"Fraction of voxels with probability {_num(low)}-{_num(high)} among >= {_num(low)}",
+    )
+
+
+def adc_core_method_code(threshold: float) -> hd.sr.CodedConcept:
+    """Method of the ADC-core volume: ADC below ``threshold`` um2/s in the brain."""
+    return private_code(
+        f"ADCLT{_num(threshold)}", f"ADC below {_num(threshold)} um2/s within the brain mask"
+    )
+
+
+def core_volume_below_code(cutoff_ml: float) -> hd.sr.CodedConcept:
+    """Yes/No question: is the ADC-core volume below ``cutoff_ml``?"""
+    return private_code(
+        f"CORELT{_num(cutoff_ml)}",
+        f"ADC core volume below {_num(cutoff_ml)} mL (volume comparison only)",
+    )
+
 
 DEFAULT_MANUFACTURER = "strokeseg"
 #: Used as the device serial number when the deployment does not configure one.

@@ -42,7 +42,15 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, TM, validate_value
 
-__all__ = ["check_source_images", "prepare_sources", "with_patient_study_fallbacks"]
+from service.derive.findings import GridGeometry
+
+__all__ = [
+    "check_source_images",
+    "grid_geometry",
+    "prepare_sources",
+    "spatial_order",
+    "with_patient_study_fallbacks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -392,3 +400,60 @@ def prepare_sources(source_images: Sequence[Dataset]) -> list[Dataset]:
             ds.ImageOrientationPatient = first.ImageOrientationPatient
         prepared.append(ds)
     return prepared
+
+
+def spatial_order(source_images: Sequence[Dataset]) -> list[int]:
+    """Indices of ``source_images`` sorted along the slice normal (ascending)."""
+    normal = _slice_normal(source_images[0].ImageOrientationPatient)
+    offsets = [
+        float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for ds in source_images
+    ]
+    return sorted(range(len(source_images)), key=lambda i: offsets[i])
+
+
+def grid_geometry(source_images: Sequence[Dataset]) -> GridGeometry:
+    """The :class:`GridGeometry` of a mask whose slice ``i`` lies on ``source_images[i]``.
+
+    For callers that have source headers but no :class:`service.domain.ImageVolume`
+    (tests, offline tools); the pipeline uses ``GridGeometry.from_volume(study.dwi)``.
+    The sources must be in spatial order (either direction).  The slice
+    spacing comes from the positions (mean step) or, for one slice, from
+    SliceThickness.
+
+    Raises
+    ------
+    ValueError
+        If a source lacks geometry, the orientations differ, or the slices are
+        not in spatial order.
+    """
+    if len(source_images) == 0:
+        raise ValueError("at least one source image is required")
+    for i, ds in enumerate(source_images):
+        missing = [
+            k
+            for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+            if k not in ds
+        ]
+        if missing:
+            raise ValueError(f"source image {i} lacks {', '.join(missing)}")
+    iop = np.asarray([float(v) for v in source_images[0].ImageOrientationPatient])
+    for i, ds in enumerate(source_images):
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
+            raise ValueError(f"source image {i} has a different ImageOrientationPatient")
+    origins = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in source_images])
+    if len(source_images) > 1:
+        offsets = origins @ _slice_normal([float(v) for v in iop])
+        spacing = float(np.abs(np.diff(offsets)).mean())
+    else:
+        thickness = _positive_ds(source_images[0], "SliceThickness")
+        if thickness is None:
+            raise ValueError("a single source image needs a SliceThickness to give voxels a volume")
+        spacing = thickness
+    first = source_images[0]
+    return GridGeometry(
+        slice_origins=origins,
+        row_cosine=(float(iop[0]), float(iop[1]), float(iop[2])),
+        column_cosine=(float(iop[3]), float(iop[4]), float(iop[5])),
+        pixel_spacing=(float(first.PixelSpacing[0]), float(first.PixelSpacing[1])),
+        slice_spacing=spacing,
+    )

@@ -19,17 +19,55 @@ understand), not from SEG pixels.  The report contains:
 * evidence: every source image and the SEG (highdicom requires every
   referenced instance to be listed).
 
-:func:`read_lesion_volume_ml` parses the volume back out of a written SR,
-for tests and end-to-end checks of what actually reached PACS.
+Given :class:`~service.derive.findings.LesionFindings` (optional, so callers
+that only know the volume keep working), the report says more; every
+definition is in :mod:`service.derive.findings`:
+
+* the lesion group (above) also holds the **lesion count** (SCT "Number of
+  lesions", UCUM "1", method 99STROKESEG CC3D26 "3-D connected components,
+  26-connectivity"), the **mean ADC** in the lesion (DCM "Apparent Diffusion
+  Coefficient", derivation SCT "Mean", UCUM ``um2/s`` = 1e-6 mm2/s), and the
+  **quality items**: mean lesion probability and the borderline-voxel
+  fraction (99STROKESEG codes, UCUM "1") and the input-quality flag as TEXT
+  (DCM "Image Quality");
+* **one TID 1411 group per lesion** ("Lesion k of n", numbered by decreasing
+  volume, at most ``max_itemised_lesions``; the rest are counted and noted
+  in a Comment).  The SEG has one segment for all lesions, so a per-lesion
+  group cannot reference "its" segment without claiming the whole segment's
+  volume; its ROI is instead a SCOORD3D POINT at the lesion's **centroid**
+  (patient mm, the sources' frame of reference) with geometric purpose DCM
+  "Center of Mass", and the source images it spans.  It holds the lesion's
+  **volume** (mL), mean ADC, **volume class** (DCM "Size Descriptor" =
+  SCT Small/Medium/Large, cut-offs 1.7 and 14 mL) and its **slice range** as
+  TEXT ("InstanceNumber a to b; slice index i to j of n");
+* one TID 1501 group **"ADC core"**: the volume of ADC < 620 um2/s inside
+  the brain mask (finding Infarct, method 99STROKESEG ADCLT620, site Brain),
+  independent of the model's mask; with ``core_volume_cutoffs_ml`` also one
+  Yes/No item per cut-off, "ADC core volume below 21 mL (volume comparison
+  only)", and a Comment saying that these compare volumes and are not
+  treatment advice;
+* model name/version and preprocessing profile: TID 4019 Algorithm
+  Identification (profile as the parameter ``preprocessing_profile=...``).
+
+Private codes (99STROKESEG, see :mod:`service.derive.concepts`) are declared
+in the CodingSchemeIdentificationSequence.
+
+:func:`read_lesion_volume_ml` parses the volume back out of a written SR and
+:func:`read_lesion_findings` everything else, for tests and end-to-end checks
+of what actually reached PACS.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
+from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -38,24 +76,54 @@ from pydicom.uid import SegmentationStorage
 from service.derive.algorithm import AlgorithmInfo, sr_algorithm_identification
 from service.derive.concepts import (
     ABSENT,
+    APPARENT_DIFFUSION_COEFFICIENT,
+    BRAIN,
     BRAIN_MRI,
+    CENTER_OF_MASS,
+    COMMENT,
+    CONNECTED_COMPONENTS_26,
     DEFAULT_DEVICE_SERIAL_NUMBER,
     DEFAULT_MANUFACTURER,
     DEFAULT_SOFTWARE_VERSION,
+    IMAGE_QUALITY,
     INFARCT,
     LESION_CATEGORY,
     LESION_SEGMENT_NUMBER,
     LESION_TRACKING_ID,
+    MEAN,
+    MEAN_LESION_PROBABILITY,
     MILLILITER,
+    NO,
+    NO_UNITS,
+    NUMBER_OF_LESIONS,
     PRESENCE_OF_PROPERTY,
     PRESENT,
+    PRIVATE_SCHEME,
+    SIZE_DESCRIPTOR,
+    SIZE_VALUES,
+    SLICE_RANGE,
+    UM2_PER_S,
     VOLUME,
+    YES,
+    adc_core_method_code,
+    borderline_fraction_code,
+    core_volume_below_code,
     device_observer_uid,
+    private_coding_scheme,
+    stable_uid,
 )
+from service.derive.findings import Lesion, LesionFindings
 from service.derive.seg import lesion_tracking_uid
 from service.derive.sources import with_patient_study_fallbacks
 
-__all__ = ["build_volume_report", "read_lesion_volume_ml"]
+__all__ = [
+    "CORE_VOLUME_DISCLAIMER",
+    "ReportedFindings",
+    "ReportedLesion",
+    "build_volume_report",
+    "read_lesion_findings",
+    "read_lesion_volume_ml",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +131,33 @@ _LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 #: Factors from UCUM volume units to millilitres, for reading SRs back.
 _TO_ML = {"mL": 1.0, "ml": 1.0, "cm3": 1.0, "mm3": 1e-3, "L": 1e3, "l": 1e3}
+
+#: Comment next to the core-volume comparisons, in every report that has them.
+CORE_VOLUME_DISCLAIMER = (
+    "Volume comparisons only: the ADC core volume (ADC below {threshold} um2/s in the "
+    "brain) is compared with the core-volume cut-offs used by the DAWN (21, 31, 51 mL) and "
+    "DEFUSE-3 (70 mL) trials. The trials' criteria also depend on age, NIHSS, perfusion "
+    "imaging and time, which this device does not assess. This is not treatment advice."
+)
+_CORE_COMMENT = (
+    "Voxel count of ADC below {threshold} um2/s inside the brain mask, independent of the "
+    "lesion segmentation; isolated voxels from noise or partial volume are not removed."
+)
+_SIZE_COMMENT = (
+    "Size Descriptor per lesion by volume: Small below 1.7 mL, Medium 1.7 to 14 mL, "
+    "Large above 14 mL. Lesions are 3-D connected components of the segment "
+    "(26-connectivity)."
+)
+_SLICE_RANGE_TEXT = "InstanceNumber {a} to {b}; slice index {i} to {j} of {n}"
+_SLICE_RANGE_RE = re.compile(
+    r"InstanceNumber (\d+|unknown) to (\d+|unknown); slice index (\d+) to (\d+) of (\d+)"
+)
+_Group = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
+#: Relative tolerance between the job's lesion volume and the findings' total.
+_VOLUME_RTOL = 1e-3
 
 
 def _segment_tracking_uid(seg: Dataset) -> str:
@@ -110,12 +205,163 @@ def _referenced_segment(seg: Dataset, source_images: Sequence[Dataset]) -> hd.sr
     )
 
 
+def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
+    """A TEXT qualitative evaluation / comment (TID 1501/1411 allow TEXT next to CODE)."""
+    return hd.sr.TextContentItem(
+        name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _append(group: Template, items: Sequence[hd.sr.ContentItem]) -> None:
+    """Append content items to a measurement group's CONTAINER.
+
+    highdicom's group constructors take only coded qualitative evaluations;
+    TEXT items go after them, where the templates list them.
+    """
+    if items:
+        group[0].ContentSequence.extend(items)
+
+
+def _instance_number(ds: Dataset) -> int | None:
+    try:
+        return int(ds.InstanceNumber)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _slice_range_text(lesion: Lesion, source_images: Sequence[Dataset]) -> str:
+    numbers = [
+        _instance_number(source_images[i]) for i in range(lesion.first_slice, lesion.last_slice + 1)
+    ]
+    known = [n for n in numbers if n is not None]
+    a, b = (str(min(known)), str(max(known))) if len(known) == len(numbers) else ("unknown",) * 2
+    return _SLICE_RANGE_TEXT.format(
+        a=a, b=b, i=lesion.first_slice, j=lesion.last_slice, n=len(source_images)
+    )
+
+
+def _check_findings(
+    findings: LesionFindings, volume: float, source_images: Sequence[Dataset]
+) -> None:
+    """Raise ``ValueError`` unless ``findings`` belong to this volume and these sources."""
+    if findings.shape[0] != len(source_images):
+        raise ValueError(
+            f"findings are for {findings.shape[0]} slices but {len(source_images)} source "
+            "images were given"
+        )
+    for ds in source_images[:1]:
+        if (
+            "Rows" in ds
+            and "Columns" in ds
+            and (int(ds.Rows), int(ds.Columns)) != findings.shape[1:]
+        ):
+            raise ValueError("findings were computed on another image size than the sources")
+    if not math.isclose(findings.total_volume_ml, volume, rel_tol=_VOLUME_RTOL, abs_tol=1e-9):
+        raise ValueError(
+            f"findings give a lesion volume of {findings.total_volume_ml} mL but the report "
+            f"was asked for {volume} mL; they must describe the same mask"
+        )
+
+
+def _lesion_group(
+    lesion: Lesion,
+    count: int,
+    main_tracking_uid: str,
+    source_images: Sequence[Dataset],
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for one lesion: a centre-of-mass point ROI and the lesion's numbers."""
+    spanned = source_images[lesion.first_slice : lesion.last_slice + 1]
+    measurements = [hd.sr.Measurement(name=VOLUME, value=lesion.volume_ml, unit=MILLILITER)]
+    if lesion.mean_adc is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=APPARENT_DIFFUSION_COEFFICIENT,
+                value=lesion.mean_adc,
+                unit=UM2_PER_S,
+                derivation=MEAN,
+            )
+        )
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid("lesion-component", main_tracking_uid, str(lesion.number)),
+            identifier=f"Lesion {lesion.number} of {count}",
+        ),
+        referenced_volume_surface=hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.asarray([lesion.centroid_mm], dtype=np.float64),
+            frame_of_reference_uid=str(source_images[0].FrameOfReferenceUID),
+            source_images=[
+                hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=str(ds.SOPClassUID),
+                    referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                )
+                for ds in spanned
+            ],
+        ),
+        geometric_purpose=CENTER_OF_MASS,
+        finding_type=INFARCT,
+        finding_category=LESION_CATEGORY,
+        algorithm_id=algorithm_id,
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=SIZE_DESCRIPTOR, value=SIZE_VALUES[lesion.volume_class.value]
+            )
+        ],
+    )
+    _append(group, [_text(SLICE_RANGE, _slice_range_text(lesion, source_images))])
+    return group
+
+
+def _core_group(
+    findings: LesionFindings,
+    main_tracking_uid: str,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    core_volume_cutoffs_ml: Sequence[float],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for the ADC-defined core, with the optional cut-off comparisons."""
+    comparisons = (
+        findings.core_volume_comparisons(core_volume_cutoffs_ml) if core_volume_cutoffs_ml else ()
+    )
+    threshold = f"{findings.adc_core_threshold:g}"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid("adc-core", main_tracking_uid),
+            identifier=f"ADC core (ADC below {threshold} um2/s)",
+        ),
+        finding_category=LESION_CATEGORY,
+        finding_type=INFARCT,
+        method=adc_core_method_code(findings.adc_core_threshold),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=BRAIN)],
+        algorithm_id=algorithm_id,
+        measurements=[
+            hd.sr.Measurement(name=VOLUME, value=findings.adc_core_volume_ml, unit=MILLILITER)
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=core_volume_below_code(c.cutoff_ml), value=YES if c.below else NO
+            )
+            for c in comparisons
+        ]
+        or None,
+    )
+    comments = [_text(COMMENT, _CORE_COMMENT.format(threshold=threshold))]
+    if comparisons:
+        comments.append(_text(COMMENT, CORE_VOLUME_DISCLAIMER.format(threshold=threshold)))
+    _append(group, comments)
+    return group
+
+
 def build_volume_report(
     seg: hd.seg.Segmentation | Dataset,
     source_images: Sequence[Dataset],
     lesion_volume_ml: float,
     *,
     algorithm: AlgorithmInfo,
+    findings: LesionFindings | None = None,
+    core_volume_cutoffs_ml: Sequence[float] = (),
+    max_itemised_lesions: int = 50,
     series_number: int = 9902,
     instance_number: int = 1,
     series_description: str = "Ischemic lesion volume (strokeseg)",
@@ -130,15 +376,25 @@ def build_volume_report(
     """Build the TID 1500 report of ``lesion_volume_ml`` for segment 1 of ``seg``.
 
     ``source_images`` are the images ``seg`` was derived from (headers are
-    enough); they and ``seg`` become the SR's evidence.  ``lesion_volume_ml``
-    may be 0.0 (no lesion): the report is still written, with "Absent".
-    ``finding_site`` (e.g. a vascular territory) is optional.
+    enough), in mask order; they and ``seg`` become the SR's evidence.
+    ``lesion_volume_ml`` may be 0.0 (no lesion): the report is still written,
+    with "Absent".  ``finding_site`` (e.g. a vascular territory) is optional.
+
+    With ``findings`` (computed on the same mask, slice ``i`` on
+    ``source_images[i]``) the report adds the count, per-lesion groups, ADC
+    and quality items and the ADC-core group described in the module
+    docstring; ``core_volume_cutoffs_ml`` (e.g.
+    :data:`service.derive.findings.CORE_VOLUME_CUTOFFS_ML`) adds the labelled
+    core-volume comparisons.  At most ``max_itemised_lesions`` lesions get a
+    group of their own (largest first), so a speckled mask cannot produce a
+    report no one can read; all of them are counted.
 
     Raises
     ------
     ValueError
-        If the volume is negative or not finite, or ``seg`` is not a SEG of
-        the sources' study with a segment 1.
+        If the volume is negative or not finite, ``seg`` is not a SEG of
+        the sources' study with a segment 1, or ``findings`` describe another
+        volume or another number of slices.
     """
     volume = float(lesion_volume_ml)
     if not math.isfinite(volume) or volume < 0.0:
@@ -146,6 +402,12 @@ def build_volume_report(
     _check_seg(seg, source_images)
     if series_number < 1 or instance_number < 1:
         raise ValueError("series_number and instance_number must be positive")
+    if max_itemised_lesions < 0:
+        raise ValueError("max_itemised_lesions must be >= 0")
+    if findings is not None:
+        _check_findings(findings, volume, source_images)
+    elif core_volume_cutoffs_ml:
+        raise ValueError("core-volume comparisons need findings (the ADC core volume)")
 
     series_uid = series_instance_uid or hd.UID()
     sop_uid = sop_instance_uid or hd.UID()
@@ -163,9 +425,57 @@ def build_volume_report(
         ),
     )
     algorithm_id = sr_algorithm_identification(algorithm)
+    main_tracking_uid = _segment_tracking_uid(seg)
+    measurements = [hd.sr.Measurement(name=VOLUME, value=volume, unit=MILLILITER)]
+    texts: list[hd.sr.ContentItem] = []
+    if findings is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=NUMBER_OF_LESIONS,
+                value=findings.lesion_count,
+                unit=NO_UNITS,
+                method=CONNECTED_COMPONENTS_26,
+            )
+        )
+        if findings.mean_adc is not None:
+            measurements.append(
+                hd.sr.Measurement(
+                    name=APPARENT_DIFFUSION_COEFFICIENT,
+                    value=findings.mean_adc,
+                    unit=UM2_PER_S,
+                    derivation=MEAN,
+                )
+            )
+        if findings.mean_probability is not None:
+            measurements.append(
+                hd.sr.Measurement(
+                    name=MEAN_LESION_PROBABILITY, value=findings.mean_probability, unit=NO_UNITS
+                )
+            )
+        measurements.append(
+            hd.sr.Measurement(
+                name=borderline_fraction_code(*findings.borderline_range),
+                value=findings.borderline_fraction,
+                unit=NO_UNITS,
+            )
+        )
+        if findings.input_quality:
+            texts.append(_text(IMAGE_QUALITY, findings.input_quality))
+        if findings.lesions:
+            texts.append(_text(COMMENT, _SIZE_COMMENT))
+        if findings.lesion_count > max_itemised_lesions:
+            rest = findings.lesions[max_itemised_lesions:]
+            texts.append(
+                _text(
+                    COMMENT,
+                    f"{len(rest)} further lesions (each {rest[0].volume_ml:.3g} mL or less) are "
+                    "counted and included in the total volume but not itemised.",
+                )
+            )
+
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_segment_tracking_uid(seg),
+            uid=main_tracking_uid,
             identifier=LESION_TRACKING_ID,
         ),
         referenced_segment=_referenced_segment(seg, source_images),
@@ -177,13 +487,7 @@ def build_volume_report(
             if finding_site is not None
             else None
         ),
-        measurements=[
-            hd.sr.Measurement(
-                name=VOLUME,
-                value=volume,
-                unit=MILLILITER,
-            )
-        ],
+        measurements=measurements,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
                 name=PRESENCE_OF_PROPERTY,
@@ -191,10 +495,26 @@ def build_volume_report(
             )
         ],
     )
+    _append(group, texts)
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = [group]
+    if findings is not None:
+        groups.extend(
+            _lesion_group(
+                lesion, findings.lesion_count, main_tracking_uid, source_images, algorithm_id
+            )
+            for lesion in findings.lesions[:max_itemised_lesions]
+        )
+        groups.append(
+            _core_group(findings, main_tracking_uid, algorithm_id, core_volume_cutoffs_ml)
+        )
+
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=BRAIN_MRI,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
     # evidence[0] supplies the SR's patient/study modules (and the acquisition
     # equipment listed as contributing equipment), hence the patched source first.
@@ -215,6 +535,7 @@ def build_volume_report(
         manufacturer_model_name=manufacturer_model_name or algorithm.name,
         software_versions=software_version,
         device_serial_number=device_serial_number,
+        coding_schemes=[private_coding_scheme()] if findings is not None else None,
     )
     logger.info(
         "built lesion volume SR",
@@ -223,16 +544,167 @@ def build_volume_report(
             "sop_instance_uid": sop_uid,
             "seg_sop_instance_uid": str(seg.SOPInstanceUID),
             "lesion_volume_ml": volume,
+            "lesion_count": findings.lesion_count if findings is not None else None,
         },
     )
     return sr
+
+
+# ---------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedLesion:
+    """One per-lesion group as read back from an SR."""
+
+    identifier: str
+    tracking_uid: str
+    volume_ml: float
+    mean_adc: float | None
+    size: str  # "small" | "medium" | "large"
+    centroid_mm: tuple[float, float, float]
+    source_sop_instance_uids: tuple[str, ...]
+    instance_numbers: tuple[int, int] | None
+    slice_indices: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedFindings:
+    """What :func:`read_lesion_findings` finds in an SR (None: not reported)."""
+
+    lesion_volume_ml: float
+    lesion_present: bool
+    lesion_count: int | None
+    lesion_count_method: str | None
+    mean_adc: float | None
+    mean_probability: float | None
+    borderline_fraction: float | None
+    input_quality: str | None
+    lesions: tuple[ReportedLesion, ...]
+    adc_core_volume_ml: float | None
+    core_volume_below: dict[float, bool]
+    comments: tuple[str, ...]
+    algorithm_name: str | None
+    algorithm_version: str | None
+    algorithm_parameters: tuple[str, ...]
+    private_schemes: tuple[str, ...]
+
+
+def _parse_report(sr_dataset: Dataset) -> hd.sr.MeasurementReport:
+    try:
+        sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset, copy=True)
+    except (AttributeError, ValueError) as exc:
+        raise ValueError(f"not a readable SR document: {exc}") from exc
+    content = sr.content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise ValueError("SR is not a TID 1500 Measurement Report")
+    return content
+
+
+def _lesion_group_of(
+    content: hd.sr.MeasurementReport,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """The one Infarct group that references a SEG segment (the whole lesion)."""
+    groups = content.get_volumetric_roi_measurement_groups(
+        finding_type=INFARCT, reference_type=codes.DCM.ReferencedSegment
+    )
+    if len(groups) != 1:
+        raise ValueError(f"expected one infarct group referencing a segment, found {len(groups)}")
+    return groups[0]
+
+
+def _in_ml(measurement: hd.sr.Measurement) -> float:
+    unit = measurement.unit
+    if unit.scheme_designator != "UCUM" or unit.value not in _TO_ML:
+        raise ValueError(
+            f"unexpected unit for the infarct volume: {unit.value} ({unit.scheme_designator})"
+        )
+    return float(measurement.value) * _TO_ML[unit.value]
+
+
+def _one_value(group: _Group, name: hd.sr.CodedConcept) -> float | None:
+    found = group.get_measurements(name=name)
+    if len(found) > 1:
+        raise ValueError(f"more than one {name.meaning} in one group")
+    return float(found[0].value) if found else None
+
+
+def _mean_adc(group: _Group) -> float | None:
+    found = group.get_measurements(name=APPARENT_DIFFUSION_COEFFICIENT)
+    if not found:
+        return None
+    (measurement,) = found
+    if measurement.unit.value != UM2_PER_S.value or measurement.derivation != MEAN:
+        raise ValueError("mean ADC must be a Mean in um2/s")
+    return float(measurement.value)
+
+
+def _children(group: Template) -> list[Dataset]:
+    return list(group[0].ContentSequence)
+
+
+def _texts(group: Template, name: hd.sr.CodedConcept) -> list[str]:
+    return [
+        str(item.TextValue)
+        for item in _children(group)
+        if item.ValueType == "TEXT"
+        and hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]) == name
+    ]
+
+
+def _code_value(group: Template, name: hd.sr.CodedConcept) -> hd.sr.CodedConcept | None:
+    for item in _children(group):
+        if (
+            item.ValueType == "CODE"
+            and hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]) == name
+        ):
+            return hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0])
+    return None
+
+
+def _read_lesion(
+    group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+) -> ReportedLesion:
+    (volume,) = group.get_measurements(name=VOLUME)
+    size = _code_value(group, SIZE_DESCRIPTOR)
+    sizes = {v.value: k for k, v in SIZE_VALUES.items()}
+    if size is None or size.value not in sizes:
+        raise ValueError("a lesion group lacks its Size Descriptor")
+    roi = group.roi
+    if not isinstance(roi, hd.sr.VolumeSurface):
+        raise ValueError("a lesion group's ROI must be a volume surface (centre of mass)")
+    point = np.asarray(roi.graphic_data, dtype=float).reshape(-1)
+    uids = tuple(
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in _children(group)
+        if item.ValueType == "IMAGE"
+        and hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
+        == codes.DCM.SourceImageForSegmentation
+    )
+    (slice_text,) = _texts(group, SLICE_RANGE)
+    match = _SLICE_RANGE_RE.fullmatch(slice_text)
+    if match is None:
+        raise ValueError(f"unreadable slice range {slice_text!r}")
+    a, b, i, j, _ = match.groups()
+    return ReportedLesion(
+        identifier=str(group.tracking_identifier),
+        tracking_uid=str(group.tracking_uid),
+        volume_ml=_in_ml(volume),
+        mean_adc=_mean_adc(group),
+        size=sizes[size.value],
+        centroid_mm=(float(point[0]), float(point[1]), float(point[2])),
+        source_sop_instance_uids=uids,
+        instance_numbers=None if a == "unknown" else (int(a), int(b)),
+        slice_indices=(int(i), int(j)),
+    )
 
 
 def read_lesion_volume_ml(sr_dataset: Dataset) -> float:
     """The infarct volume in mL from a TID 1500 SR written by :func:`build_volume_report`.
 
     Parses with highdicom (what any TID 1500 consumer would see), picks the
-    one volumetric group whose finding type is Infarct and its one Volume
+    one volumetric Infarct group that references a SEG segment (per-lesion
+    groups reference a centre-of-mass point instead) and its one Volume
     measurement, and converts UCUM volume units to mL.
 
     Raises
@@ -241,21 +713,97 @@ def read_lesion_volume_ml(sr_dataset: Dataset) -> float:
         If the dataset is not such a report, or holds zero or several infarct
         volumes, or an unknown unit.
     """
-    try:
-        sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset, copy=True)
-    except (AttributeError, ValueError) as exc:
-        raise ValueError(f"not a readable SR document: {exc}") from exc
-    content = sr.content
-    if not isinstance(content, hd.sr.MeasurementReport):
-        raise ValueError("SR is not a TID 1500 Measurement Report")
-    groups = content.get_volumetric_roi_measurement_groups(finding_type=INFARCT)
+    content = _parse_report(sr_dataset)
+    groups = content.get_volumetric_roi_measurement_groups(
+        finding_type=INFARCT, reference_type=codes.DCM.ReferencedSegment
+    )
     volumes = [m for g in groups for m in g.get_measurements(name=VOLUME)]
     if len(volumes) != 1:
         raise ValueError(f"expected exactly one infarct volume in the SR, found {len(volumes)}")
-    measurement = volumes[0]
-    unit = measurement.unit
-    if unit.scheme_designator != "UCUM" or unit.value not in _TO_ML:
-        raise ValueError(
-            f"unexpected unit for the infarct volume: {unit.value} ({unit.scheme_designator})"
-        )
-    return float(measurement.value) * _TO_ML[unit.value]
+    return _in_ml(volumes[0])
+
+
+def read_lesion_findings(sr_dataset: Dataset) -> ReportedFindings:
+    """Everything :func:`build_volume_report` wrote, read back through highdicom.
+
+    For tests and end-to-end checks; items a report does not hold (an SR
+    built without findings) come back as None or empty.
+
+    Raises
+    ------
+    ValueError
+        If the dataset is not such a report or an item is malformed.
+    """
+    content = _parse_report(sr_dataset)
+    main = _lesion_group_of(content)
+    (volume,) = main.get_measurements(name=VOLUME)
+    count_items = main.get_measurements(name=NUMBER_OF_LESIONS)
+    if len(count_items) > 1:
+        raise ValueError("more than one lesion count")
+    presence = _code_value(main, PRESENCE_OF_PROPERTY)
+    borderline = [
+        m
+        for m in main.get_measurements()
+        if m.name.scheme_designator == PRIVATE_SCHEME and m.name.value.startswith("BORDER")
+    ]
+    quality = _texts(main, IMAGE_QUALITY)
+
+    lesion_groups = content.get_volumetric_roi_measurement_groups(
+        finding_type=INFARCT, reference_type=codes.DCM.VolumeSurface
+    )
+    core_groups = [
+        g
+        for g in content.get_image_measurement_groups(finding_type=INFARCT)
+        if g.method is not None and g.method.value.startswith("ADCLT")
+    ]
+    if len(core_groups) > 1:
+        raise ValueError("more than one ADC core group")
+    core_volume: float | None = None
+    below: dict[float, bool] = {}
+    comments = list(_texts(main, COMMENT))
+    if core_groups:
+        core = core_groups[0]
+        (core_measurement,) = core.get_measurements(name=VOLUME)
+        core_volume = _in_ml(core_measurement)
+        for item in _children(core):
+            if item.ValueType != "CODE":
+                continue
+            name = hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
+            if name.scheme_designator == PRIVATE_SCHEME and name.value.startswith("CORELT"):
+                answer = hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0])
+                below[float(name.value.removeprefix("CORELT"))] = answer == YES
+        comments.extend(_texts(core, COMMENT))
+
+    algorithm_name = algorithm_version = None
+    parameters: list[str] = []
+    for item in _children(main):
+        name = hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
+        if name == codes.DCM.AlgorithmName:
+            algorithm_name = str(item.TextValue)
+        elif name == codes.DCM.AlgorithmVersion:
+            algorithm_version = str(item.TextValue)
+        elif name == codes.DCM.AlgorithmParameters:
+            parameters.append(str(item.TextValue))
+
+    count_method = count_items[0].method if count_items else None
+    return ReportedFindings(
+        lesion_volume_ml=_in_ml(volume),
+        lesion_present=presence == PRESENT,
+        lesion_count=int(count_items[0].value) if count_items else None,
+        lesion_count_method=count_method.meaning if count_method is not None else None,
+        mean_adc=_mean_adc(main),
+        mean_probability=_one_value(main, MEAN_LESION_PROBABILITY),
+        borderline_fraction=float(borderline[0].value) if borderline else None,
+        input_quality=quality[0] if quality else None,
+        lesions=tuple(_read_lesion(g) for g in lesion_groups),
+        adc_core_volume_ml=core_volume,
+        core_volume_below=below,
+        comments=tuple(comments),
+        algorithm_name=algorithm_name,
+        algorithm_version=algorithm_version,
+        algorithm_parameters=tuple(parameters),
+        private_schemes=tuple(
+            str(item.CodingSchemeDesignator)
+            for item in sr_dataset.get("CodingSchemeIdentificationSequence", [])
+        ),
+    )
