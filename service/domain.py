@@ -100,12 +100,21 @@ class ImageVolume:
 
 @dataclass(frozen=True, slots=True)
 class SourceFrame:
-    """One source image (or one frame of a multi-frame object) behind a slice."""
+    """One source image (or one frame of a multi-frame object) behind a slice.
+
+    ``frame_number`` (1-based) is set for multi-frame objects (Enhanced MR):
+    a SEG must reference that frame (ReferencedFrameNumber), not the object.
+    ``mosaic_index`` (0-based tile, row-major) is set for a slice cut out of a
+    Siemens MOSAIC image: the DICOM object holds the whole slab in one frame,
+    so no DICOM reference can point at the slice itself (see
+    :mod:`service.intake.planes`).
+    """
 
     path: Path
     sop_instance_uid: str
     sop_class_uid: str
     frame_number: int | None = None  # 1-based, for multi-frame objects
+    mosaic_index: int | None = None  # 0-based tile of a Siemens MOSAIC
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -124,6 +133,8 @@ class DiffusionStudy:
     frame_of_reference_uid: str
     manufacturer: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    dwi_series_instance_uid: str = ""
+    adc_origin: str = ""  # "scanner" (the scanner's map) | "computed" (from b0 and the trace)
 
     def __post_init__(self) -> None:
         if self.adc.shape != self.dwi.shape:

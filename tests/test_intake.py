@@ -34,8 +34,9 @@ def _series(b: float | None, *, study: str, frame: str, adc: bool = False, n: in
             ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"]
             arr = np.full((rows, rows), 800, dtype=np.uint16)
             ds.PixelData = arr.tobytes()
-        elif b is None:
+        elif b is None:  # a non-diffusion image (T1, FLAIR...): no diffusion naming either
             del ds.DiffusionBValue
+            ds.SequenceName = "*tse2d1_15"
             ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
         elif b == 0:
             ds.ImageType = ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]

@@ -17,3 +17,13 @@ __all__ = [
     "write_phantom_cases",
     "write_phantom_study",
 ]
+
+# Vendor encodings of a phantom (Siemens CSA/MOSAIC, GE, Philips, Canon, Enhanced MR).
+from models.synth.vendors import (  # noqa: E402
+    VendorConvention,
+    csa_header,
+    vendor_datasets,
+    write_vendor_study,
+)
+
+__all__ += ["VendorConvention", "csa_header", "vendor_datasets", "write_vendor_study"]

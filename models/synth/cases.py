@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.synth.mr_image import write_dicom_files
-from models.synth.phantom import PhantomStudy, generate_phantom
+from models.synth.phantom import GENERATOR_VERSION, PhantomStudy, generate_phantom
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def truth_record(study: PhantomStudy) -> dict[str, Any]:
     geo = study.geometry
     return {
         "format_version": TRUTH_FORMAT_VERSION,
+        "generator_version": GENERATOR_VERSION,
         "study_instance_uid": study.identity.study_instance_uid,
         "frame_of_reference_uid": study.identity.frame_of_reference_uid,
         "dwi_series_instance_uid": study.identity.dwi_series_instance_uid,

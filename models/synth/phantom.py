@@ -42,6 +42,8 @@ from models.synth.lesions import (
 
 logger = logging.getLogger(__name__)
 
+#: Bumped whenever the same seed would give a different study.
+GENERATOR_VERSION = "1.0"
 #: Through-plane sub-samples per slice (over the slice thickness).
 THROUGH_PLANE_SAMPLES = 4
 #: DWI stored values use 12 bits, as most scanners do.

@@ -1,20 +1,35 @@
 """Assemble a :class:`DiffusionStudy` from the DICOM files of one study.
 
-Picks the highest-b trace DWI series, the scanner's ADC map (or computes one
-from b0 and the high-b trace when none was sent), checks that both share a
-frame of reference and brings the ADC onto the DWI grid.  Every way this can
-fail raises a :class:`~service.errors.StudyRefused` subclass with a reason.
+Every object is cut into image planes (:mod:`service.intake.planes`: classic
+images, MOSAIC tiles, Enhanced MR frames), each classified by the vendor
+conventions of :mod:`service.intake.classify`.  Then:
+
+1. DWI: the highest-b (>= 500 s/mm2) trace planes, grouped by series and
+   b-value (b0 and b-high often share one series, as GE and Philips send
+   them); the largest group wins, the latest series on a tie.  When only
+   directional images came, their geometric mean per slice position is the
+   trace, provided the directions are balanced.
+2. ADC: the scanner's map in the DWI's frame of reference (Philips appends
+   it inside the DWI series), in 1e-6 mm2/s (:mod:`service.intake.adc`);
+   otherwise computed from the b0 planes (the DWI's own series first).
+   Either is resampled onto the DWI grid when grids differ.
+3. Geometry: volumes are sorted along the slice normal and must be regular
+   (:mod:`service.intake.volume`).
+
+Every way this can fail raises a :class:`~service.errors.StudyRefused`
+subclass whose reason says what was wrong and, where it helps, what was seen
+instead.  Reasons name series numbers and tags, never patient data.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
@@ -29,21 +44,24 @@ from service.errors import (
     StudyRefused,
     UnreadableImage,
 )
-from service.intake.classify import ImageRole, classify_image
-from service.intake.volume import stack_slices
+from service.intake.adc import (
+    adc_to_micro,
+    balanced_directions,
+    check_declared_unit,
+    computed_adc,
+    geometric_mean,
+)
+from service.intake.classify import ImageRole
+from service.intake.planes import ImagePlane, planes_of, resolve_series_conventions, stack_planes
+from service.intake.volume import check_stack
 
 log = logging.getLogger(__name__)
 
 HIGH_B_MIN = 500.0
 MIN_ADC_COVERAGE = 0.5
 
-
-@dataclass(frozen=True, slots=True)
-class _Image:
-    path: Path
-    ds: Dataset
-    role: ImageRole
-    b_value: float | None
+# Kept for callers and tests written against the first intake.
+_adc_to_micro = adc_to_micro
 
 
 def read_dicom(path: Path, *, stop_before_pixels: bool = False) -> Dataset | None:
@@ -90,59 +108,103 @@ def _same_grid(a: ImageVolume, b: ImageVolume) -> bool:
         and np.allclose(a.origin, b.origin, atol=0.05)
         and np.allclose(a.row_cosine, b.row_cosine, atol=1e-3)
         and np.allclose(a.column_cosine, b.column_cosine, atol=1e-3)
+        and np.allclose(a.slice_cosine, b.slice_cosine, atol=1e-3)
         and np.allclose(a.pixel_spacing, b.pixel_spacing, atol=1e-3)
         and abs(a.slice_spacing - b.slice_spacing) < 0.05
     )
 
 
-def _adc_to_micro(adc: np.ndarray) -> tuple[np.ndarray, str]:
-    """Bring an ADC map to 1e-6 mm2/s, inferring the unit from brain values.
-
-    Brain parenchyma is ~600-1000 x 1e-6 mm2/s.  The median of the non-zero
-    voxels of a head ADC map falls in a different decade for each unit in use.
-    """
-    values = adc[adc > 0]
-    if values.size == 0:
-        raise MissingADC("ADC map is empty")
-    median = float(np.median(values))
-    if 100.0 <= median <= 5000.0:
-        return adc, "1e-6 mm2/s"
-    if 0.1 <= median <= 5.0:
-        return adc * 1000.0, "1e-3 mm2/s"
-    if 1e-4 <= median <= 5e-3:
-        return adc * 1e6, "mm2/s"
-    if 1000.0 < median <= 50000.0:
-        return adc / 10.0, "1e-7 mm2/s"
-    raise StudyRefused(f"ADC map values in unknown units (median {median:.3g})")
+def _onto_dwi_grid(volume: ImageVolume, dwi: ImageVolume, what: str, notes: list[str]) -> ImageVolume:
+    """``volume`` on the DWI grid; refused when the two hardly overlap."""
+    if _same_grid(volume, dwi):
+        return volume
+    probe = volume.with_voxels(np.ones(volume.shape, dtype=np.float32))
+    coverage = float(resample_onto(probe, dwi, linear=False).voxels.mean())
+    if coverage < MIN_ADC_COVERAGE:
+        raise GeometryError(
+            f"{what} covers only {coverage:.0%} of the DWI volume (non-overlapping volumes)"
+        )
+    notes.append(f"{what} resampled onto the DWI grid")
+    return resample_onto(volume, dwi)
 
 
-def _read_images(paths: Sequence[Path]) -> list[_Image]:
-    images: list[_Image] = []
+# --------------------------------------------------------------------------
+# Reading
+
+
+def _read_planes(paths: Sequence[Path]) -> list[ImagePlane]:
+    planes: list[ImagePlane] = []
     for path in paths:
         ds = read_dicom(path)
         if ds is None:
             continue
-        cls = classify_image(ds)
-        images.append(_Image(path, ds, cls.role, cls.b_value))
-    return images
+        planes.extend(planes_of(path, ds))
+    return planes
 
 
-def _frame_of_reference(images: Sequence[_Image]) -> str:
-    uids = {str(img.ds.get("FrameOfReferenceUID", "")) for img in images}
+def _seen(planes: Sequence[ImagePlane]) -> str:
+    """What the ignored planes were, for refusal reasons (most common first)."""
+    counts = Counter(p.cls.reason or p.role.value for p in planes if p.role is ImageRole.OTHER)
+    if not counts:
+        return ""
+    parts = [f"{n} x {reason}" for reason, n in counts.most_common(3)]
+    return "seen: " + "; ".join(parts)
+
+
+def _frame_of_reference(planes: Sequence[ImagePlane], what: str) -> str:
+    uids = {p.frame_of_reference_uid for p in planes}
     if len(uids) != 1:
-        raise GeometryError("images of one volume have different frames of reference")
+        raise GeometryError(f"{what}: images of one volume have different frames of reference")
     return uids.pop()
 
 
-def _pick_series(groups: dict[tuple[str, float], list[_Image]], b_value: float) -> list[_Image]:
-    """Of the series carrying ``b_value``, the one with most images (latest on a tie)."""
-    candidates = [imgs for (_, b), imgs in groups.items() if b == b_value]
+def _sources(planes: Sequence[ImagePlane]) -> tuple[SourceFrame, ...]:
+    return tuple(p.source for p in planes)
 
-    def rank(imgs: list[_Image]) -> tuple[int, int]:
-        number = imgs[0].ds.get("SeriesNumber", 0)
-        return (len(imgs), int(number) if number not in (None, "") else 0)
 
-    return max(candidates, key=rank)
+def _position_buckets(planes: Sequence[ImagePlane], what: str) -> list[list[ImagePlane]]:
+    """Planes grouped by slice position (several b0 averages, several directions)."""
+    buckets: dict[tuple[float, float, float], list[ImagePlane]] = defaultdict(list)
+    for plane in planes:
+        geometry = plane.require_geometry(what)
+        key = tuple(round(float(v), 1) for v in geometry.position)
+        buckets[key].append(plane)  # type: ignore[index]
+    return list(buckets.values())
+
+
+def _combined_volume(
+    buckets: Sequence[Sequence[ImagePlane]],
+    combine: Callable[[list[npt.NDArray[np.float32]]], npt.NDArray[np.float32]],
+    what: str,
+) -> tuple[ImageVolume, list[ImagePlane]]:
+    """One volume from several planes per position; the first plane of each bucket places it."""
+    counts = {len(b) for b in buckets}
+    if len(counts) != 1:
+        raise GeometryError(
+            f"{what}: different numbers of images per slice position ({min(counts)} to {max(counts)})"
+        )
+    representatives = [b[0] for b in buckets]
+    stack = check_stack([p.require_geometry(what) for p in representatives], what=what)
+    ordered = [buckets[i] for i in stack.order]
+    voxels = np.stack([combine([p.values() for p in bucket]) for bucket in ordered])
+    return stack.volume(voxels.astype(np.float32)), [b[0] for b in ordered]
+
+
+def _mean(images: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
+    return np.mean(np.stack(images), axis=0).astype(np.float32)
+
+
+def _packaging(planes: Sequence[ImagePlane]) -> str:
+    first = planes[0].source
+    if first.mosaic_index is not None:
+        return "Siemens MOSAIC"
+    if first.frame_number is not None:
+        return "multi-frame (Enhanced MR)"
+    return "classic images"
+
+
+# --------------------------------------------------------------------------
+# The entry point
 
 
 def load_study(paths: Iterable[Path]) -> DiffusionStudy:
@@ -150,110 +212,198 @@ def load_study(paths: Iterable[Path]) -> DiffusionStudy:
 
     Raises a :class:`StudyRefused` subclass when the study cannot be segmented.
     """
-    images = _read_images(sorted(paths))
-    if not images:
+    planes = _read_planes(sorted(paths))
+    if not planes:
         raise UnreadableImage("no readable DICOM images in study")
-    study_uids = {str(img.ds.get("StudyInstanceUID", "")) for img in images}
+    study_uids = {p.study_instance_uid for p in planes}
     if len(study_uids) != 1:
         raise StudyRefused("files of more than one study given to one job")
     study_uid = study_uids.pop()
+    planes = resolve_series_conventions(planes)
+    notes: list[str] = []
 
-    diffusion = [img for img in images if img.role in (ImageRole.DWI, ImageRole.B0)]
-    trace = [img for img in images if img.role is ImageRole.DWI]
-    if not diffusion and not any(img.role is ImageRole.DIRECTIONAL for img in images):
-        raise NoDiffusionSeries()
-    high_b = [img for img in trace if (img.b_value or 0.0) >= HIGH_B_MIN]
-    if not high_b:
-        if any(img.role is ImageRole.DIRECTIONAL for img in images):
-            raise NoHighBValue("only directional diffusion images, no trace (isotropic) images")
-        raise NoHighBValue()
+    dwi, dwi_planes, b_value = _dwi(planes, notes)
+    frame_of_reference = _frame_of_reference(dwi_planes, "DWI")
+    dwi_series = dwi_planes[0].series_instance_uid
 
-    groups: dict[tuple[str, float], list[_Image]] = defaultdict(list)
-    for img in high_b:
-        groups[(str(img.ds.SeriesInstanceUID), float(img.b_value or 0.0))].append(img)
-    b_max = max(b for (_, b) in groups)
-    dwi_images = _pick_series(groups, b_max)
-    frame_of_reference = _frame_of_reference(dwi_images)
-    dwi, dwi_ordered = stack_slices([img.ds for img in dwi_images])
-    path_of = {id(img.ds): img.path for img in dwi_images}
-    sources = tuple(
-        SourceFrame(
-            path=path_of[id(ds)],
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-        )
-        for ds in dwi_ordered
-    )
-    notes: list[str] = [f"DWI b={b_max:g} series {dwi_images[0].ds.get('SeriesNumber', '?')}"]
-
-    adc = _scanner_adc(images, dwi, frame_of_reference, notes)
+    adc = _scanner_adc(planes, dwi, frame_of_reference, dwi_series, notes)
+    adc_origin = "scanner"
     if adc is None:
-        adc = _computed_adc(images, dwi_images, dwi, b_max, notes)
+        adc = _computed_adc(planes, dwi, b_value, frame_of_reference, dwi_series, notes)
+        adc_origin = "computed"
 
-    manufacturer = str(dwi_ordered[0].get("Manufacturer", "") or "")
+    log.info(
+        "study assembled: DWI b=%g series %d (%d slices, %s), ADC %s",
+        b_value, dwi_planes[0].series_number, dwi.shape[0], _packaging(dwi_planes), adc_origin,
+    )
     return DiffusionStudy(
         study_instance_uid=study_uid,
         dwi=dwi,
-        b_value=b_max,
+        b_value=b_value,
         adc=adc,
-        dwi_sources=sources,
+        dwi_sources=_sources(dwi_planes),
         frame_of_reference_uid=frame_of_reference,
-        manufacturer=manufacturer,
+        manufacturer=dwi_planes[0].manufacturer,
         notes=tuple(notes),
+        dwi_series_instance_uid=dwi_series,
+        adc_origin=adc_origin,
     )
 
 
-def _scanner_adc(
-    images: Sequence[_Image], dwi: ImageVolume, frame_of_reference: str, notes: list[str]
-) -> ImageVolume | None:
-    adc_images = [img for img in images if img.role is ImageRole.ADC]
-    if not adc_images:
-        return None
-    by_series: dict[str, list[_Image]] = defaultdict(list)
-    for img in adc_images:
-        by_series[str(img.ds.SeriesInstanceUID)].append(img)
-    series = max(by_series.values(), key=len)
-    if _frame_of_reference(series) != frame_of_reference:
-        raise GeometryError("DWI and ADC in different frames of reference")
-    adc, _ = stack_slices([img.ds for img in series])
-    voxels, unit = _adc_to_micro(adc.voxels)
-    adc = adc.with_voxels(voxels.astype(np.float32))
-    if not _same_grid(adc, dwi):
-        coverage_probe = adc.with_voxels(np.ones(adc.shape, dtype=np.float32))
-        coverage = float(resample_onto(coverage_probe, dwi, linear=False).voxels.mean())
-        if coverage < MIN_ADC_COVERAGE:
-            raise GeometryError(
-                f"ADC map covers only {coverage:.0%} of the DWI volume (non-overlapping volumes)"
+def _dwi(planes: Sequence[ImagePlane], notes: list[str]) -> tuple[ImageVolume, list[ImagePlane], float]:
+    """The high-b trace volume, its planes in slice order, and its b-value."""
+    trace = [p for p in planes if p.role is ImageRole.DWI]
+    directional = [p for p in planes if p.role is ImageRole.DIRECTIONAL]
+    b0 = [p for p in planes if p.role is ImageRole.B0]
+    if not trace and not directional and not b0:
+        # The reason stays the bare default: it is a metric label and what
+        # operators filter on; what was seen instead goes to the log.
+        log.warning("no diffusion series; %s", _seen(planes) or "no images")
+        raise NoDiffusionSeries()
+
+    high = [p for p in trace if (p.b_value or 0.0) >= HIGH_B_MIN]
+    if high:
+        groups: dict[tuple[str, float], list[ImagePlane]] = defaultdict(list)
+        for p in high:
+            groups[(p.series_instance_uid, float(p.b_value or 0.0))].append(p)
+        b_max = max(b for (_, b) in groups)
+        chosen = max(
+            (g for (_, b), g in groups.items() if b == b_max),
+            key=lambda g: (len(g), g[0].series_number),
+        )
+        what = f"DWI b={b_max:g} series {chosen[0].series_number}"
+        dwi, ordered = stack_planes(chosen, what=what)
+        notes.append(
+            f"DWI b={b_max:g} series {chosen[0].series_number} ({_packaging(ordered)}; "
+            f"b-value from {ordered[0].cls.b_value_source})"
+        )
+        for reason in sorted({p.cls.reason for p in ordered if p.cls.reason}):
+            notes.append(f"DWI: {reason}")
+        return dwi, ordered, b_max
+
+    high_directional = [p for p in directional if (p.b_value or 0.0) >= HIGH_B_MIN]
+    if high_directional:
+        return _trace_from_directional(high_directional, notes)
+    b_seen = sorted({float(p.b_value) for p in trace + directional if p.b_value is not None})
+    detail = f"b-values seen: {', '.join(f'{b:g}' for b in b_seen)}" if b_seen else "only b0 images"
+    raise NoHighBValue(f"no high-b (>= {HIGH_B_MIN:g} s/mm2) diffusion images ({detail})")
+
+
+def _trace_from_directional(
+    planes: Sequence[ImagePlane], notes: list[str]
+) -> tuple[ImageVolume, list[ImagePlane], float]:
+    """Geometric mean of balanced directional images per slice position."""
+    groups: dict[tuple[str, float], list[ImagePlane]] = defaultdict(list)
+    for p in planes:
+        groups[(p.series_instance_uid, float(p.b_value or 0.0))].append(p)
+    b_max = max(b for (_, b) in groups)
+    chosen = max(
+        (g for (_, b), g in groups.items() if b == b_max),
+        key=lambda g: (len(g), g[0].series_number),
+    )
+    base = "only directional diffusion images, no trace (isotropic) images"
+    if any(p.cls.direction is None for p in chosen):
+        raise NoHighBValue(f"{base}, and not every one states its gradient direction")
+    what = f"directional DWI b={b_max:g} series {chosen[0].series_number}"
+    buckets = _position_buckets(chosen, what)
+    for bucket in buckets:
+        directions = [p.cls.direction for p in bucket if p.cls.direction is not None]
+        if not balanced_directions(directions):
+            raise NoHighBValue(
+                f"{base}, and their {len(directions)} gradient direction(s) per slice do not "
+                "balance to a trace (need e.g. three orthogonal directions)"
             )
-        adc = resample_onto(adc, dwi)
-        notes.append("ADC resampled onto the DWI grid")
-    notes.append(f"scanner ADC (series {series[0].ds.get('SeriesNumber', '?')}, unit {unit})")
+    dwi, representatives = _combined_volume(buckets, geometric_mean, what)
+    notes.append(
+        f"DWI b={b_max:g} series {chosen[0].series_number}: trace computed as the geometric "
+        f"mean of {len(buckets[0])} directional images per slice"
+    )
+    return dwi, representatives, b_max
+
+
+def _scanner_adc(
+    planes: Sequence[ImagePlane],
+    dwi: ImageVolume,
+    frame_of_reference: str,
+    dwi_series: str,
+    notes: list[str],
+) -> ImageVolume | None:
+    adc_planes = [p for p in planes if p.role is ImageRole.ADC]
+    if not adc_planes:
+        return None
+    by_series: dict[str, list[ImagePlane]] = defaultdict(list)
+    for p in adc_planes:
+        by_series[p.series_instance_uid].append(p)
+    same_frame = {
+        uid: series for uid, series in by_series.items()
+        if {p.frame_of_reference_uid for p in series} == {frame_of_reference}
+    }
+    if not same_frame:
+        raise GeometryError("DWI and ADC in different frames of reference")
+    dwi_positions = {
+        tuple(np.round(dwi.affine()[:3, :3] @ [0.0, 0.0, k] + dwi.origin, 1)) for k in range(dwi.shape[0])
+    }
+
+    def rank(series: list[ImagePlane]) -> tuple[bool, float, int, int]:
+        on_grid = sum(
+            1 for p in series
+            if p.geometry is not None and tuple(np.round(p.geometry.position, 1)) in dwi_positions
+        )
+        return (series[0].series_instance_uid == dwi_series, on_grid / len(series),
+                len(series), series[0].series_number)
+
+    series = max(same_frame.values(), key=rank)
+    what = f"ADC series {series[0].series_number}"
+    adc, ordered = stack_planes(series, what=what)
+    declared = {p.real_world for p in ordered}
+    if None not in declared:
+        micro = np.stack(
+            [(p.stored_values() * p.real_world.slope + p.real_world.intercept) * p.real_world.to_micro
+             for p in ordered if p.real_world is not None]
+        ).astype(np.float32)
+        unit = f"{ordered[0].real_world.unit} (RealWorldValueMapping)"  # type: ignore[union-attr]
+        check_declared_unit(micro, unit)
+    elif declared == {None}:
+        micro, unit = adc_to_micro(adc.voxels)
+    else:
+        raise StudyRefused(f"{what}: only some images declare a RealWorldValueMapping unit")
+    adc = _onto_dwi_grid(adc.with_voxels(micro.astype(np.float32)), dwi, "ADC map", notes)
+    inside = " (inside the DWI series)" if series[0].series_instance_uid == dwi_series else ""
+    notes.append(f"scanner ADC series {series[0].series_number}{inside}, unit {unit}")
     return adc
 
 
 def _computed_adc(
-    images: Sequence[_Image],
-    dwi_images: Sequence[_Image],
+    planes: Sequence[ImagePlane],
     dwi: ImageVolume,
     b_value: float,
+    frame_of_reference: str,
+    dwi_series: str,
     notes: list[str],
 ) -> ImageVolume:
-    """ADC = -ln(S_b / S_0) / b from b0 images on the DWI grid (1e-6 mm2/s)."""
-    dwi_series = str(dwi_images[0].ds.SeriesInstanceUID)
-    b0 = [img for img in images if img.role is ImageRole.B0]
-    same_series = [img for img in b0 if str(img.ds.SeriesInstanceUID) == dwi_series]
-    chosen = same_series or b0
-    if not chosen:
-        raise MissingADC()
-    b0_volume, _ = stack_slices([img.ds for img in chosen])
-    if not _same_grid(b0_volume, dwi):
-        b0_volume = resample_onto(b0_volume, dwi)
-    s0 = b0_volume.voxels
-    sb = dwi.voxels
-    valid = (s0 > 0) & (sb > 0)
-    adc = np.zeros_like(sb, dtype=np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        adc[valid] = -np.log(sb[valid] / s0[valid]) / b_value * 1e6
-    adc = np.clip(adc, 0.0, 5000.0).astype(np.float32)
-    notes.append("ADC computed from b0 and high-b trace")
+    """ADC = -ln(S_b / S_0) / b from b0 images, on the DWI grid (1e-6 mm2/s)."""
+    b0 = [p for p in planes if p.role is ImageRole.B0]
+    if not b0:
+        raise MissingADC("no ADC map and no b0 images to compute one")
+    by_series: dict[str, list[ImagePlane]] = defaultdict(list)
+    for p in b0:
+        by_series[p.series_instance_uid].append(p)
+    chosen = by_series.get(dwi_series) or max(
+        by_series.values(), key=lambda s: (len(s), s[0].series_number)
+    )
+    what = f"b0 series {chosen[0].series_number}"
+    if _frame_of_reference(chosen, what) != frame_of_reference:
+        raise GeometryError("DWI and b0 images in different frames of reference")
+    buckets = _position_buckets(chosen, what)
+    if all(len(b) == 1 for b in buckets):
+        b0_volume, _ = stack_planes(chosen, what=what)
+    else:
+        b0_volume, _ = _combined_volume(buckets, _mean, what)
+        notes.append(f"b0: mean of {len(buckets[0])} images per slice")
+    b0_volume = _onto_dwi_grid(b0_volume, dwi, "b0 volume", notes)
+    adc, sigma = computed_adc(b0_volume.voxels, dwi.voxels, b_value)
+    notes.append(
+        f"ADC computed from b0 (series {chosen[0].series_number}) and the b={b_value:g} trace; "
+        f"background below {5:g} x noise sigma {sigma:.3g} set to 0"
+    )
     return dwi.with_voxels(adc)

@@ -1,0 +1,131 @@
+"""ADC values in 1e-6 mm2/s: the scanner's map with its units, or one computed from b0 and trace.
+
+Scanner ADC maps come in several units (1e-6 mm2/s on most, 1e-3 mm2/s or
+mm2/s as floats through a rescale slope on others) and Philips also states
+them in a Real World Value Mapping.  A declared unit is used when present and
+checked against tissue values; otherwise the unit is inferred from them
+(brain parenchyma is ~600-1000 x 1e-6 mm2/s, so the median of the non-zero
+voxels of a head map falls in a different decade for each unit).  Values
+implausible in every unit are a refusal, never a guess.
+
+When the scanner sent no ADC map, ``ADC = -ln(S_b / S_0) / b`` from the b0
+and the high-b trace image, with the background (where S_0 is below five
+times the noise level, as scanners do) set to zero and values clipped to
+[0, 5000] x 1e-6 mm2/s.  When only directional high-b images came, the trace
+is their geometric mean, which is exact for a mono-exponential signal when
+the directions are balanced (mean of g g^T equal to I/3, e.g. three
+orthogonal directions).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+from scipy import ndimage
+
+from service.errors import StudyRefused
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[np.float32]
+
+#: Plausible median of the non-zero voxels of a head ADC map, 1e-6 mm2/s.
+PLAUSIBLE_MEDIAN_MICRO = (100.0, 5000.0)
+ADC_MAX_MICRO = 5000.0
+#: Background: S_0 below this many noise standard deviations.
+BACKGROUND_SIGMAS = 5.0
+#: Directions are balanced when mean(g g^T) is within this of I/3 (each element).
+BALANCE_TOLERANCE = 0.05
+
+
+def adc_to_micro(adc: Array) -> tuple[Array, str]:
+    """Bring an ADC map of unknown unit to 1e-6 mm2/s, inferring the unit from tissue values."""
+    values = adc[adc > 0]
+    if values.size == 0:
+        raise StudyRefused("ADC map is empty (no positive values)")
+    median = float(np.median(values))
+    if 100.0 <= median <= 5000.0:
+        return adc, "1e-6 mm2/s (inferred)"
+    if 0.1 <= median <= 5.0:
+        return adc * 1000.0, "1e-3 mm2/s (inferred)"
+    if 1e-4 <= median <= 5e-3:
+        return adc * 1e6, "mm2/s (inferred)"
+    if 5000.0 < median <= 50000.0:
+        return adc / 10.0, "1e-7 mm2/s (inferred)"
+    raise StudyRefused(f"ADC map values in unknown units (median {median:.3g})")
+
+
+def check_declared_unit(adc_micro: Array, unit: str) -> None:
+    """Refuse a map whose declared unit gives tissue values no brain has."""
+    values = adc_micro[adc_micro > 0]
+    if values.size == 0:
+        raise StudyRefused("ADC map is empty (no positive values)")
+    median = float(np.median(values))
+    low, high = PLAUSIBLE_MEDIAN_MICRO
+    if not low <= median <= high:
+        raise StudyRefused(
+            f"ADC map implausible in its declared unit {unit} "
+            f"(median {median:.3g} x 1e-6 mm2/s)"
+        )
+
+
+def noise_sigma(s0: Array) -> float:
+    """Noise standard deviation of a magnitude image from its background.
+
+    Background voxels of a magnitude image are Rayleigh distributed, whose
+    mode is sigma: the peak of the histogram below half the Otsu head
+    threshold.  Returns 0 when there is too little background to tell (e.g.
+    zero-filled background), so that nothing but S_0 <= 0 is masked then.
+    """
+    positive = s0[s0 > 0]
+    if positive.size < 1000:
+        return 0.0
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetInsideValue(0)
+    otsu.SetOutsideValue(1)
+    otsu.Execute(sitk.GetImageFromArray(positive.astype(np.float32).reshape(1, 1, -1)))
+    ceiling = 0.5 * float(otsu.GetThreshold())
+    background = positive[positive < ceiling]
+    if background.size < 1000 or ceiling <= 0:
+        return 0.0
+    counts, edges = np.histogram(background, bins=64, range=(0.0, ceiling))
+    smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), 1.5)
+    i = int(np.argmax(smooth))
+    if i == 0:
+        return 0.0  # no Rayleigh peak: background is (nearly) zero-filled
+    return float((edges[i] + edges[i + 1]) / 2.0)
+
+
+def computed_adc(s0: Array, sb: Array, b_value: float) -> tuple[Array, float]:
+    """ADC (1e-6 mm2/s) from b0 and high-b trace on one grid; also the noise sigma used."""
+    sigma = noise_sigma(s0)
+    threshold = max(BACKGROUND_SIGMAS * sigma, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adc = -np.log(np.maximum(sb, 1e-6) / np.maximum(s0, 1e-6)) / np.float32(b_value) * 1e6
+    adc = np.clip(np.nan_to_num(adc, nan=0.0), 0.0, ADC_MAX_MICRO)
+    adc[(s0 <= 0) | (s0 < threshold)] = 0.0
+    return adc.astype(np.float32), sigma
+
+
+def balanced_directions(directions: Sequence[Sequence[float]]) -> bool:
+    """Whether the geometric mean over these gradient directions is the trace image."""
+    if len(directions) < 3:
+        return False
+    g = np.asarray(directions, dtype=np.float64)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    tensor = np.einsum("ni,nj->ij", g, g) / len(g)
+    return bool(np.abs(tensor - np.eye(3) / 3.0).max() <= BALANCE_TOLERANCE)
+
+
+def geometric_mean(images: Sequence[Array]) -> Array:
+    """Voxel-wise geometric mean; zero where any image is zero (no signal)."""
+    stack = np.stack(images).astype(np.float64)
+    positive = np.all(stack > 0, axis=0)
+    with np.errstate(divide="ignore"):
+        logs = np.log(np.where(stack > 0, stack, 1.0))
+    mean = np.exp(logs.mean(axis=0))
+    return np.where(positive, mean, 0.0).astype(np.float32)
