@@ -26,7 +26,9 @@ ASSOCIATIONS_REJECTED = Counter(
 )
 JOBS_QUEUED = Counter("strokeseg_jobs_queued_total", "Jobs queued for inference")
 JOBS_FINISHED = Counter("strokeseg_jobs_finished_total", "Jobs finished", ["state"])
-REFUSALS = Counter("strokeseg_refusals_total", "Studies refused", ["reason"])
+# Labelled by the refusal's class (a small, stable set), not its free-text reason,
+# which may carry numbers and would create a new time series per study.
+REFUSALS = Counter("strokeseg_refusals_total", "Studies refused", ["kind"])
 JOB_SECONDS = Histogram(
     "strokeseg_job_seconds", "Wall time of one job in the worker", buckets=STUDY_BUCKETS
 )

@@ -281,7 +281,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
             )
     except StudyRefused as exc:
         log.warning("job %d refused: %s", job_id, exc.reason, extra=extra)
-        metrics.REFUSALS.labels(reason=exc.reason).inc()
+        metrics.REFUSALS.labels(kind=type(exc).__name__).inc()
         return _finish(ctx, job_id, JobState.REFUSED, exc.reason)
     except Exception as exc:
         log.exception("job %d failed during processing", job_id, extra=extra)

@@ -160,7 +160,7 @@ def test_serve_round_trip_refusal_and_restart(tmp_path: Path, phantom_cases: lis
             assert _metric(scp_text, "strokeseg_instances_received_total") >= 90
             worker_text = _metrics(worker_metrics)
             assert _metric(worker_text, "strokeseg_jobs_finished_total", state="delivered") >= 1
-            assert _metric(worker_text, "strokeseg_refusals_total", reason="no diffusion series") == 1
+            assert _metric(worker_text, "strokeseg_refusals_total", kind="NoDiffusionSeries") == 1
             assert _results_for(peer, refused_uid) == {}, "nothing may be sent for a refused study"
         finally:
             assert serve.stop() == 0, serve.output()
