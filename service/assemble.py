@@ -1,7 +1,12 @@
 """Assemble: decide when a study is complete and hand it to the queue.
 
 A study is complete when no instance of it arrived for
-``study.completion_timeout_s``.  The database decides, not the broker: at
+``study.completion_timeout_s``, or, content-aware, earlier: once its high-b
+DWI series has a regular stack of slice positions, its ADC (or the b0
+needed to compute one) covers every one of them, and no image came for
+``study.early_completion_grace_s``.  The grace period is what catches a
+missing first/last slice still in flight; multi-frame objects fall back to
+the idle timeout.  The database decides, not the broker: at
 start-up every queued job is dispatched again (its message may have been
 lost) and stale running jobs are re-queued, so a restart loses nothing.
 Dispatching twice is harmless: workers claim jobs with a compare-and-set.
@@ -11,15 +16,54 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from service import metrics
-from service.db import JobStore
+from service.db import InstanceSignature, JobStore
 from service.db.commitment import CommitmentStore
 
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[int], None]
+
+
+HIGH_B_MIN = 500.0
+MIN_SLICES = 3
+POSITION_DECIMALS = 1
+SPACING_TOLERANCE = 0.1
+
+
+def study_looks_complete(signatures: Sequence[InstanceSignature]) -> bool:
+    """True when a study's DWI and ADC/b0 look complete from their headers alone."""
+    if not signatures or any(sig.frames > 1 for sig in signatures):
+        return False  # multi-frame/unknown: let the idle timeout decide
+    high_b: dict[tuple[str, float], set[float]] = defaultdict(set)
+    adc: dict[str, set[float]] = defaultdict(set)
+    b0: set[float] = set()
+    for sig in signatures:
+        if sig.slice_position is None:
+            continue
+        position = round(sig.slice_position, POSITION_DECIMALS)
+        if sig.role == "dwi" and (sig.b_value or 0.0) >= HIGH_B_MIN:
+            high_b[(sig.series_instance_uid, float(sig.b_value or 0.0))].add(position)
+        elif sig.role == "adc":
+            adc[sig.series_instance_uid].add(position)
+        elif sig.role == "b0":
+            b0.add(position)
+    if not high_b:
+        return False
+    b_max = max(b for _, b in high_b)
+    positions = max((p for (_, b), p in high_b.items() if b == b_max), key=len)
+    if len(positions) < MIN_SLICES:
+        return False
+    gaps = np.diff(sorted(positions))
+    median = float(np.median(gaps))
+    if median <= 0 or np.any(np.abs(gaps - median) > SPACING_TOLERANCE * median):
+        return False  # a slice is still missing in the middle
+    return any(positions <= series for series in adc.values()) or positions <= b0
 
 
 class StudyAssembler:
@@ -33,6 +77,7 @@ class StudyAssembler:
         completion_timeout_s: float,
         stale_job_after_s: float,
         poll_s: float = 0.5,
+        early_completion_grace_s: float | None = None,
         commitments: CommitmentStore | None = None,
         commitment_timeout_s: float = 300.0,
     ) -> None:
@@ -41,6 +86,7 @@ class StudyAssembler:
         self.completion_timeout_s = completion_timeout_s
         self.stale_job_after_s = stale_job_after_s
         self.poll_s = poll_s
+        self.early_completion_grace_s = early_completion_grace_s
         self.commitments = commitments
         self.commitment_timeout_s = commitment_timeout_s
         self._stop = threading.Event()
@@ -66,9 +112,18 @@ class StudyAssembler:
         """Queue every study that has been idle long enough; returns the job ids."""
         job_ids = self.store.complete_studies(self.completion_timeout_s)
         for job_id in job_ids:
-            log.info("study complete; job %d queued", job_id, extra={"job_id": job_id})
-            metrics.JOBS_QUEUED.inc()
+            log.info("study idle; job %d queued", job_id, extra={"job_id": job_id})
+            metrics.JOBS_QUEUED.labels(trigger="idle").inc()
             self._dispatch(job_id)
+        if self.early_completion_grace_s is not None:
+            for job_id, study_uid in self.store.received_jobs(self.early_completion_grace_s):
+                if study_looks_complete(self.store.instance_signatures(study_uid)) and self.store.queue(
+                    job_id, "complete (content-aware)"
+                ):
+                    log.info("study complete by content; job %d queued", job_id, extra={"job_id": job_id})
+                    metrics.JOBS_QUEUED.labels(trigger="content").inc()
+                    self._dispatch(job_id)
+                    job_ids.append(job_id)
         if self.commitments is not None:
             for uid in self.commitments.flag_timed_out(self.commitment_timeout_s):
                 log.warning("storage commitment %s: no report after %.0f s", uid, self.commitment_timeout_s)

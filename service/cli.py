@@ -71,6 +71,7 @@ class _ScpProcess:
         from service.assemble import StudyAssembler
         from service.db import Database, JobStore
         from service.db.commitment import CommitmentStore
+        from service.intake import signature_of
         from service.metrics import serve_metrics
         from service.scp import StorageSCP
         from service.storage import Spool
@@ -89,6 +90,7 @@ class _ScpProcess:
             max_associations=settings.scp.max_associations,
             max_pdu_size=settings.scp.max_pdu_size,
             commitments=commitments,
+            describe=signature_of,
         )
         self.assembler = StudyAssembler(
             store,
@@ -96,6 +98,9 @@ class _ScpProcess:
             completion_timeout_s=settings.study.completion_timeout_s,
             stale_job_after_s=(
                 settings.study.stale_job_after_s if stale_job_after_s is None else stale_job_after_s
+            ),
+            early_completion_grace_s=(
+                settings.study.early_completion_grace_s if settings.study.early_completion else None
             ),
             commitments=commitments,
             commitment_timeout_s=settings.delivery.commitment_timeout_s,

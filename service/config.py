@@ -75,6 +75,12 @@ class DeliverySettings(_Section):
 
 class StudySettings(_Section):
     completion_timeout_s: float = Field(10.0, gt=0, description="Idle time that closes a study.")
+    early_completion: bool = Field(
+        True, description="Close a study once its DWI and ADC/b0 look complete (content-aware)."
+    )
+    early_completion_grace_s: float = Field(
+        2.0, gt=0, description="Content-aware completion waits this long after the last image."
+    )
     stale_job_after_s: float = Field(
         900.0, gt=0, description="A running job older than this is re-queued on start."
     )

@@ -24,7 +24,9 @@ STORE_FAILURES = Counter(
 ASSOCIATIONS_REJECTED = Counter(
     "strokeseg_associations_rejected_total", "Associations rejected", ["reason"]
 )
-JOBS_QUEUED = Counter("strokeseg_jobs_queued_total", "Jobs queued for inference")
+JOBS_QUEUED = Counter(
+    "strokeseg_jobs_queued_total", "Jobs queued for inference", ["trigger"]  # idle | content
+)
 JOBS_FINISHED = Counter("strokeseg_jobs_finished_total", "Jobs finished", ["state"])
 # Labelled by the refusal's class (a small, stable set), not its free-text reason,
 # which may carry numbers and would create a new time series per study.

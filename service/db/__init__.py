@@ -1,6 +1,6 @@
 """Job database: SQLAlchemy models, migrations (alembic) and the JobStore."""
 
 from service.db.session import Database, upgrade_schema
-from service.db.store import JobStore, JobSummary
+from service.db.store import InstanceSignature, JobStore, JobSummary
 
-__all__ = ["Database", "JobStore", "JobSummary", "upgrade_schema"]
+__all__ = ["Database", "InstanceSignature", "JobStore", "JobSummary", "upgrade_schema"]

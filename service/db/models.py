@@ -55,6 +55,12 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    # What the image contributes (header-only classification at receive time),
+    # so the assembler can tell when a study is complete without reading files.
+    role: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    b_value: Mapped[float | None] = mapped_column(Float)
+    slice_position: Mapped[float | None] = mapped_column(Float)
+    frames: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class Job(Base):

@@ -24,6 +24,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceSignature:
+    """What one received instance contributes, from its header (see service.scp)."""
+
+    series_instance_uid: str
+    role: str = ""  # service.intake.ImageRole value, "" if unknown
+    b_value: float | None = None
+    slice_position: float | None = None  # mm along the slice normal (classic images)
+    frames: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class JobSummary:
     id: int
     study_instance_uid: str
@@ -69,6 +80,7 @@ class JobStore:
         path: str,
         size_bytes: int,
         calling_ae_title: str,
+        signature: InstanceSignature | None = None,
     ) -> int:
         """Record (or replace) a received instance and open a job for its study.
 
@@ -86,6 +98,7 @@ class JobStore:
                     path=path,
                     size_bytes=size_bytes,
                     calling_ae_title=calling_ae_title,
+                    signature=signature,
                 )
             except IntegrityError:
                 # Two associations inserted the same new study/instance at once.
@@ -103,8 +116,10 @@ class JobStore:
         path: str,
         size_bytes: int,
         calling_ae_title: str,
+        signature: InstanceSignature | None,
     ) -> int:
         now = utcnow()
+        sig = signature or InstanceSignature(series_instance_uid)
         with self.db.session() as s:
             study = s.get(Study, study_instance_uid, with_for_update=True)
             if study is None:
@@ -130,6 +145,10 @@ class JobStore:
                         size_bytes=size_bytes,
                         received_at=now,
                         calling_ae_title=calling_ae_title,
+                        role=sig.role,
+                        b_value=sig.b_value,
+                        slice_position=sig.slice_position,
+                        frames=sig.frames,
                     )
                 )
             else:
@@ -140,6 +159,10 @@ class JobStore:
                 instance.size_bytes = size_bytes
                 instance.received_at = now
                 instance.calling_ae_title = calling_ae_title
+                instance.role = sig.role
+                instance.b_value = sig.b_value
+                instance.slice_position = sig.slice_position
+                instance.frames = sig.frames
             job = s.scalars(
                 select(Job).where(
                     Job.study_instance_uid == study_instance_uid,
@@ -173,20 +196,42 @@ class JobStore:
                 )
             )
 
+    def instance_signatures(self, study_instance_uid: str) -> list[InstanceSignature]:
+        with self.db.session() as s:
+            rows = s.execute(
+                select(
+                    Instance.series_instance_uid,
+                    Instance.role,
+                    Instance.b_value,
+                    Instance.slice_position,
+                    Instance.frames,
+                ).where(Instance.study_instance_uid == study_instance_uid)
+            )
+            return [InstanceSignature(*row) for row in rows]
+
     # -- assemble ----------------------------------------------------------------
-    def complete_studies(self, idle_s: float) -> list[int]:
-        """Move ``received`` jobs whose study was idle for ``idle_s`` to ``queued``."""
+    def received_jobs(self, idle_s: float) -> list[tuple[int, str]]:
+        """(job id, study UID) of ``received`` jobs whose study was idle for ``idle_s``."""
         cutoff = utcnow() - timedelta(seconds=idle_s)
         with self.db.session() as s:
-            ids = list(
-                s.scalars(
-                    select(Job.id)
+            return [
+                (int(job_id), str(study_uid))
+                for job_id, study_uid in s.execute(
+                    select(Job.id, Job.study_instance_uid)
                     .join(Study, Study.study_instance_uid == Job.study_instance_uid)
                     .where(Job.state == JobState.RECEIVED.value, Study.last_received_at <= cutoff)
                     .order_by(Job.id)
                 )
-            )
-        return [i for i in ids if self.transition(i, JobState.QUEUED, expect=(JobState.RECEIVED,))]
+            ]
+
+    def complete_studies(self, idle_s: float) -> list[int]:
+        """Move ``received`` jobs whose study was idle for ``idle_s`` to ``queued``."""
+        ids = [job_id for job_id, _ in self.received_jobs(idle_s)]
+        return [i for i in ids if self.queue(i)]
+
+    def queue(self, job_id: int, reason: str = "") -> bool:
+        """received -> queued (compare-and-set)."""
+        return self.transition(job_id, JobState.QUEUED, reason, expect=(JobState.RECEIVED,))
 
     def jobs_to_requeue(self, stale_after_s: float) -> list[int]:
         """Queued jobs (their message may be lost) and running jobs older than ``stale_after_s``.

@@ -10,6 +10,7 @@ together or refuses with a reason.
 
 from service.intake.classify import ImageClass, ImageRole, Vendor, classify_frame, classify_image
 from service.intake.planes import ImagePlane, planes_of, stack_planes
+from service.intake.signature import signature_of
 from service.intake.study import group_by_study, load_study, read_dicom, resample_onto
 from service.intake.volume import stack_slices
 
@@ -25,6 +26,7 @@ __all__ = [
     "planes_of",
     "read_dicom",
     "resample_onto",
+    "signature_of",
     "stack_planes",
     "stack_slices",
 ]

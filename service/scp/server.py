@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from service import metrics
-from service.db import JobStore
+from service.db import InstanceSignature, JobStore
 from service.db.commitment import CommitmentStore
 from service.scp.commitment import add_storage_commitment
 from service.storage import Spool
@@ -38,12 +39,16 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 
+Describe = Callable[[Dataset], InstanceSignature]
+
+
 @dataclass
 class StoreHandler:
     """Persist one C-STORE request; returns a status code, never raises."""
 
     spool: Spool
     store: JobStore
+    describe: Describe | None = None  # header-only signature for content-aware completion
 
     def __call__(self, event: Any) -> int:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
@@ -68,6 +73,7 @@ class StoreHandler:
         try:
             data = event.encoded_dataset()
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, data)
+            signature = self.describe(ds) if self.describe is not None else None
             self.store.record_instance(
                 study_instance_uid=study_uid,
                 series_instance_uid=series_uid,
@@ -76,6 +82,7 @@ class StoreHandler:
                 path=str(path),
                 size_bytes=len(data),
                 calling_ae_title=calling_ae,
+                signature=signature,
             )
         except Exception:
             log.exception("C-STORE from %s could not be persisted; answering failure", calling_ae)
@@ -125,6 +132,7 @@ class StorageSCP:
         max_associations: int = 10,
         max_pdu_size: int = 0,
         commitments: CommitmentStore | None = None,
+        describe: Describe | None = None,
     ) -> None:
         self.ae = build_ae(
             ae_title,
@@ -135,7 +143,7 @@ class StorageSCP:
         self.address = (host, port)
         self.handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, StoreHandler(spool, store)),
+            (evt.EVT_C_STORE, StoreHandler(spool, store, describe)),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         if commitments is not None:

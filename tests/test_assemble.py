@@ -1,0 +1,98 @@
+"""Study completion: idle timeout, and content-aware early completion over a real SCP."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from service.assemble import StudyAssembler, study_looks_complete
+from service.db import Database, InstanceSignature, JobStore
+from service.domain import JobState
+from service.intake import signature_of
+from service.scp import StorageSCP
+from service.storage import Spool
+from tests.conftest import free_port
+from tests.peers import storescu, wait_for
+
+
+def _stack(series: str, role: str, b: float | None, positions: list[float]) -> list[InstanceSignature]:
+    return [InstanceSignature(series, role, b, p) for p in positions]
+
+
+POSITIONS = [float(5 * i) for i in range(20)]
+
+
+def test_complete_with_dwi_and_adc() -> None:
+    sigs = _stack("dwi", "dwi", 1000, POSITIONS) + _stack("adc", "adc", None, POSITIONS)
+    assert study_looks_complete(sigs)
+
+
+def test_complete_with_dwi_and_b0_when_no_adc() -> None:
+    sigs = _stack("dwi", "dwi", 1000, POSITIONS) + _stack("dwi", "b0", 0, POSITIONS)
+    assert study_looks_complete(sigs)
+
+
+@pytest.mark.parametrize(
+    "sigs",
+    [
+        _stack("dwi", "dwi", 1000, POSITIONS),  # no ADC, no b0 yet
+        _stack("dwi", "dwi", 1000, POSITIONS[:7] + POSITIONS[8:]) + _stack("a", "adc", None, POSITIONS),  # hole
+        _stack("dwi", "dwi", 1000, POSITIONS) + _stack("a", "adc", None, POSITIONS[:-1]),  # ADC short
+        _stack("dwi", "b0", 0, POSITIONS) + _stack("a", "adc", None, POSITIONS),  # no high b
+        [InstanceSignature("enh", "", None, None, frames=50)],  # multi-frame: unknown
+        [],
+    ],
+)
+def test_incomplete_studies_wait(sigs: list[InstanceSignature]) -> None:
+    assert not study_looks_complete(sigs)
+
+
+@pytest.mark.network
+def test_content_aware_completion_closes_before_idle_timeout(tmp_path: Path, phantom_cases: list[Path]) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    store = JobStore(db)
+    scp = StorageSCP(
+        ae_title="STROKESEG", host="127.0.0.1", port=free_port(), spool=Spool(tmp_path / "spool"),
+        store=store, describe=signature_of,
+    )
+    dispatched: list[int] = []
+    idle_timeout_s = 30.0
+    assembler = StudyAssembler(
+        store, dispatched.append, completion_timeout_s=idle_timeout_s, stale_job_after_s=900,
+        poll_s=0.2, early_completion_grace_s=1.0,
+    )
+    scp.start()
+    assembler.start()
+    try:
+        # A study without ADC/b0 (only the b1000 images) must wait for the idle timeout.
+        partial = tmp_path / "partial"
+        partial.mkdir()
+        case = phantom_cases[0]
+        for f in (case / "dicom").rglob("*.dcm"):
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            if float(ds.get("DiffusionBValue", 0) or 0) >= 500 and "ADC" not in ds.ImageType:
+                (partial / f.name).write_bytes(f.read_bytes())
+        storescu(scp.port, partial)
+        time.sleep(2.5)
+        jobs = store.jobs()
+        assert len(jobs) == 1 and jobs[0].state is JobState.RECEIVED, "b1000 alone is not complete"
+        sent_at = time.monotonic()
+        storescu(scp.port, case / "dicom")  # the rest arrives: b0 and ADC
+        last_image_at = time.monotonic()
+        wait_for(lambda: dispatched, idle_timeout_s - 5, "content-aware completion")
+        closed_after_s = time.monotonic() - last_image_at
+        job = store.job(dispatched[0])
+        assert job is not None and job.state is JobState.QUEUED
+        assert store.events(job.id)[-1][1] == "complete (content-aware)"
+        print(
+            f"content-aware completion: closed {closed_after_s:.1f} s after the last image "
+            f"(idle timeout {idle_timeout_s:.0f} s; sending took {last_image_at - sent_at:.1f} s)"
+        )
+        assert closed_after_s < idle_timeout_s / 2
+    finally:
+        assembler.stop()
+        scp.stop()
+        db.dispose()
