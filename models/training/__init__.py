@@ -1,0 +1,1 @@
+"""Training: phantom datasets read through the service's own intake and preprocessing."""

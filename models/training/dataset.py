@@ -1,0 +1,143 @@
+"""Model-grid training arrays made by the *service's* intake and preprocessing.
+
+"What is trained is what is served": every training study is read from its
+DICOM files with :func:`service.intake.load_study` and normalised/resampled
+with :func:`service.preprocess.to_model_input`, exactly as at inference.  The
+ground-truth mask (native DWI grid) goes to the model grid with
+:func:`service.preprocess.resample_to_model_grid` (linear, so targets are
+soft at the border).  The result is cached as one ``.npz`` per case set,
+keyed by grid, profile, the case folders and their truth.json, because reading 200 studies
+takes minutes and the arrays are fully determined by those inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from service.intake import load_study
+from service.preprocess import ModelGrid, resample_to_model_grid, to_model_input
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CaseArrays:
+    """All slices of a set of studies on the model grid.
+
+    ``images`` (S, 2, H, W) float16 (DWI, ADC as normalised by the profile),
+    ``targets`` (S, H, W) float16 soft lesion masks, ``case_index`` (S,) which
+    case each slice belongs to; ``truth_volume_ml`` per case (native grid).
+    """
+
+    images: npt.NDArray[np.float16]
+    targets: npt.NDArray[np.float16]
+    case_index: npt.NDArray[np.int32]
+    truth_volume_ml: npt.NDArray[np.float64]
+    model_voxel_ml: npt.NDArray[np.float64]
+    case_names: tuple[str, ...]
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.case_names)
+
+    def case_slices(self, case: int) -> npt.NDArray[np.int64]:
+        return np.flatnonzero(self.case_index == case)
+
+
+def study_arrays(
+    case_dir: Path, grid: ModelGrid, profile: str
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float, float]:
+    """(input tensor, soft target, truth volume mL, model voxel mL) of one phantom case."""
+    study = load_study(sorted((case_dir / "dicom").glob("*.dcm")))
+    model_input = to_model_input(study, grid, profile)
+    mask = np.load(case_dir / "truth" / "mask.npy")
+    if mask.shape != study.dwi.shape:
+        raise ValueError(f"{case_dir}: truth {mask.shape} does not match DWI {study.dwi.shape}")
+    target = resample_to_model_grid(study.dwi.with_voxels(mask.astype(np.float32)), model_input)
+    truth_ml = float(mask.sum()) * study.dwi.voxel_volume_ml
+    return model_input.tensor, target.voxels, truth_ml, model_input.grid.voxel_volume_ml
+
+
+def _cache_key(case_dirs: list[Path], grid: ModelGrid, profile: str) -> str:
+    record = {
+        "version": CACHE_FORMAT_VERSION,
+        "grid": [list(grid.matrix), list(grid.pixel_spacing_mm)],
+        "profile": profile,
+        "cases": [str(p.resolve()) for p in case_dirs],
+        # truth.json changes whenever the generator or the case changes.
+        "truth": [
+            hashlib.sha256((p / "truth" / "truth.json").read_bytes()).hexdigest()
+            for p in case_dirs
+        ],
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_case_arrays(
+    case_dirs: list[Path], grid: ModelGrid, profile: str, cache_dir: Path | None = None
+) -> CaseArrays:
+    """Arrays of ``case_dirs`` on the model grid, from the cache when present."""
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = cache_dir / f"model-input-{_cache_key(case_dirs, grid, profile)}.npz"
+        if cache_path.is_file():
+            with np.load(cache_path) as z:
+                logger.info("using cached model inputs %s", cache_path)
+                return CaseArrays(
+                    images=z["images"],
+                    targets=z["targets"],
+                    case_index=z["case_index"],
+                    truth_volume_ml=z["truth_volume_ml"],
+                    model_voxel_ml=z["model_voxel_ml"],
+                    case_names=tuple(str(n) for n in z["case_names"]),
+                )
+    images: list[npt.NDArray[np.float16]] = []
+    targets: list[npt.NDArray[np.float16]] = []
+    index: list[npt.NDArray[np.int32]] = []
+    volumes: list[float] = []
+    voxel_ml: list[float] = []
+    started = time.perf_counter()
+    for i, case_dir in enumerate(case_dirs):
+        tensor, target, truth_ml, vox_ml = study_arrays(case_dir, grid, profile)
+        images.append(tensor.astype(np.float16))
+        targets.append(np.clip(target, 0.0, 1.0).astype(np.float16))
+        index.append(np.full(tensor.shape[0], i, dtype=np.int32))
+        volumes.append(truth_ml)
+        voxel_ml.append(vox_ml)
+        if (i + 1) % 20 == 0:
+            logger.info(
+                "preprocessed %d/%d studies (%.0f s)", i + 1, len(case_dirs),
+                time.perf_counter() - started,
+            )
+    arrays = CaseArrays(
+        images=np.concatenate(images),
+        targets=np.concatenate(targets),
+        case_index=np.concatenate(index),
+        truth_volume_ml=np.asarray(volumes),
+        model_voxel_ml=np.asarray(voxel_ml),
+        case_names=tuple(p.name for p in case_dirs),
+    )
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            images=arrays.images,
+            targets=arrays.targets,
+            case_index=arrays.case_index,
+            truth_volume_ml=arrays.truth_volume_ml,
+            model_voxel_ml=arrays.model_voxel_ml,
+            case_names=np.asarray(arrays.case_names),
+        )
+        tmp.replace(cache_path)
+    return arrays
