@@ -124,6 +124,11 @@ class StudyAssembler:
                     metrics.JOBS_QUEUED.labels(trigger="content").inc()
                     self._dispatch(job_id)
                     job_ids.append(job_id)
+        for job_id in self.store.due_retries():
+            log.info("job %d: automatic delivery retry", job_id, extra={"job_id": job_id})
+            metrics.JOBS_QUEUED.labels(trigger="retry").inc()
+            self._dispatch(job_id)
+            job_ids.append(job_id)
         if self.commitments is not None:
             for uid in self.commitments.flag_timed_out(self.commitment_timeout_s):
                 log.warning("storage commitment %s: no report after %.0f s", uid, self.commitment_timeout_s)

@@ -68,6 +68,11 @@ class DeriveSettings(_Section):
 
 
 class DeliverySettings(_Section):
+    retry_initial_s: float = Field(30.0, gt=0, description="First automatic retry after a failed delivery.")
+    retry_max_interval_s: float = Field(600.0, gt=0, description="Backoff doubles up to this interval.")
+    retry_max_age_s: float = Field(
+        6 * 3600.0, ge=0, description="No automatic retry once the job is this old (0 = never retry)."
+    )
     commitment_timeout_s: float = Field(
         300.0, gt=0, description="A commitment request with no report after this is flagged timed_out."
     )

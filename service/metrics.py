@@ -25,7 +25,7 @@ ASSOCIATIONS_REJECTED = Counter(
     "strokeseg_associations_rejected_total", "Associations rejected", ["reason"]
 )
 JOBS_QUEUED = Counter(
-    "strokeseg_jobs_queued_total", "Jobs queued for inference", ["trigger"]  # idle | content
+    "strokeseg_jobs_queued_total", "Jobs queued for inference", ["trigger"]  # idle | content | retry
 )
 JOBS_FINISHED = Counter("strokeseg_jobs_finished_total", "Jobs finished", ["state"])
 # Labelled by the refusal's class (a small, stable set), not its free-text reason,

@@ -11,14 +11,16 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import dcmread
 
 from service import metrics
 from service.config import DeriveSettings, Destination, Settings
-from service.db import Database, JobStore
+from service.db import Database, JobStore, JobSummary
 from service.db.commitment import CommitmentStore
+from service.db.models import utcnow
 from service.deliver import StoreOutcome, store_objects
 from service.deliver.commitment import CommitmentRequest, request_commitment
 from service.derive import AlgorithmInfo, GridGeometry, compute_lesion_findings, write_results
@@ -238,6 +240,16 @@ def _finish(ctx: WorkerContext, job_id: int, state: JobState, reason: str = "",
     return state
 
 
+def _next_attempt(ctx: WorkerContext, summary: JobSummary) -> datetime | None:
+    """Exponential backoff (initial, doubling, capped) while the job is younger than max age."""
+    policy = ctx.settings.delivery
+    now = utcnow()
+    if (now - summary.created_at).total_seconds() >= policy.retry_max_age_s:
+        return None
+    delay = min(policy.retry_initial_s * 2 ** max(summary.attempts - 1, 0), policy.retry_max_interval_s)
+    return now + timedelta(seconds=delay)
+
+
 def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     """Process one queued job to a final state; None if another worker has it.
 
@@ -251,7 +263,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
         return None
     started = time.perf_counter()
     summary = ctx.store.job(job_id)
-    assert summary is not None
+    assert summary is not None  # claimed above
     result_dir = ctx.spool.result_dir(job_id)
     fields: dict[str, object] = {"result_dir": str(result_dir)}
     try:
@@ -295,7 +307,13 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
         return _finish(ctx, job_id, JobState.DELIVERED, reason, fields)
     problems = _deliver(ctx, job_id, objects)
     if problems:
-        reason = "; ".join(problems)
-        log.warning("job %d delivery failed: %s", job_id, reason, extra=extra)
-        return _finish(ctx, job_id, JobState.FAILED, f"delivery failed: {reason}", fields)
+        reason = "delivery failed: " + "; ".join(problems)
+        next_attempt = _next_attempt(ctx, summary)
+        if next_attempt is not None:
+            fields["next_attempt_at"] = next_attempt
+            reason += f"; automatic retry at {next_attempt.isoformat(timespec='seconds')} UTC"
+        else:
+            reason += "; no more automatic retries (delivery.retry_max_age_s); use `strokeseg retry`"
+        log.warning("job %d %s", job_id, reason, extra=extra)
+        return _finish(ctx, job_id, JobState.FAILED, reason, fields)
     return _finish(ctx, job_id, JobState.DELIVERED, "", fields)

@@ -200,6 +200,7 @@ def test_destination_down_then_retry(tmp_path: Path, phantom_cases: list[Path]) 
         tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
         completion_timeout_s=1.0,
+        delivery={"retry_max_age_s": 0},  # operator retry only, in this test
     )
     with Strokeseg("serve", config):
         wait_for(lambda: echo_ok(port), 60, "serve to start")
@@ -209,6 +210,7 @@ def test_destination_down_then_retry(tmp_path: Path, phantom_cases: list[Path]) 
         )
         job_id, reason = failed[0][0], failed[0][6]
         assert "unreachable" in reason and "PACS@127.0.0.1" in reason
+        assert "no more automatic retries" in reason
         with StoreSCP(tmp_path / "pacs", port=pacs_port) as peer:
             result = run_cli(config, "retry", job_id)
             assert result.returncode == 0, result.stderr
@@ -269,7 +271,10 @@ def test_serve_delivers_to_orthanc_with_storage_commitment(
     study_uid = json.loads((case / "truth" / "truth.json").read_text())["study_instance_uid"]
     port = free_port()
     with Orthanc(tmp_path / "orthanc", modalities=[Modality("strokeseg", "STROKESEG", port)]) as pacs:
-        destination = {**pacs.destination(), "name": "orthanc", "storage_commitment": True}
+        destination = {
+            **pacs.destination(), "name": "orthanc", "storage_commitment": True,
+            "send": ["SEG", "SR", "OVERLAY"],
+        }
         config = write_config(
             tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
             destinations=[destination], completion_timeout_s=1.0,
@@ -290,9 +295,47 @@ def test_serve_delivers_to_orthanc_with_storage_commitment(
                 30, "the commitment report from Orthanc",
             )
         assert rows[0][1] == job[0] and rows[0][2] == "orthanc"
-        assert int(rows[0][4]) == int(rows[0][5]) >= 2  # every object committed
+        assert int(rows[0][4]) == int(rows[0][5]) >= 3  # every object committed: SEG, SR, overlays
         in_pacs = pacs.sop_instance_uids()
         result_files = list((tmp_path / "spool" / "results" / job[0]).glob("*.dcm"))
         assert result_files
+        assert {p.name.split("_")[0] for p in result_files} == {"SEG", "SR", "OVERLAY"}
         for path in result_files:
             assert str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) in in_pacs
+
+
+def test_pacs_down_then_up_is_retried_automatically_and_committed(
+    tmp_path: Path, phantom_cases: list[Path]
+) -> None:
+    case = phantom_cases[0]
+    port, pacs_port = free_port(), free_port()
+    pacs = Orthanc(tmp_path / "orthanc", modalities=[Modality("strokeseg", "STROKESEG", port)],
+                   dicom_port=pacs_port)
+    config = write_config(
+        tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+        destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                       "port": pacs_port, "storage_commitment": True}],
+        completion_timeout_s=1.0,
+        delivery={"retry_initial_s": 2, "retry_max_interval_s": 4},
+    )
+    with Strokeseg("serve", config):
+        wait_for(lambda: echo_ok(port), 60, "serve to start")
+        storescu(port, case / "dicom")
+        failed = wait_for(
+            lambda: [line for line in _job_lines(config) if line[1] == "failed"], 120, "first delivery to fail"
+        )[0]
+        assert "automatic retry at" in failed[6]
+        with pacs:
+            wait_for(
+                lambda: any(line[0] == failed[0] and line[1] == "delivered" for line in _job_lines(config)),
+                60, "automatic retry to deliver",
+            )
+            wait_for(
+                lambda: any(
+                    line.split("\t")[3] == "committed"
+                    for line in run_cli(config, "commitments").stdout.splitlines()[1:]
+                ),
+                30, "storage commitment after the retry",
+            )
+            made = {p.name.split("_", 1)[1][:-4] for p in (tmp_path / "spool" / "results" / failed[0]).glob("*.dcm")}
+            assert made and made <= pacs.sop_instance_uids()

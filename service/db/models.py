@@ -82,6 +82,8 @@ class Job(Base):
     model_name: Mapped[str] = mapped_column(String(64), default="")
     model_version: Mapped[str] = mapped_column(String(32), default="")
     result_dir: Mapped[str] = mapped_column(Text, default="")
+    # When a failed delivery is tried again automatically (None: not scheduled).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime())
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"

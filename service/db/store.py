@@ -47,6 +47,7 @@ class JobSummary:
     attempts: int
     lesion_volume_ml: float | None
     instances: int
+    next_attempt_at: datetime | None = None
 
 
 def _summary(job: Job, instances: int = 0) -> JobSummary:
@@ -62,6 +63,7 @@ def _summary(job: Job, instances: int = 0) -> JobSummary:
         attempts=job.attempts,
         lesion_volume_ml=job.lesion_volume_ml,
         instances=instances,
+        next_attempt_at=job.next_attempt_at,
     )
 
 
@@ -294,9 +296,28 @@ class JobStore:
         """queued -> running, once; False when another worker has it or it is done."""
         return self.transition(job_id, JobState.RUNNING, expect=(JobState.QUEUED,))
 
-    def retry(self, job_id: int) -> bool:
-        """Put a failed job back in the queue (operator action)."""
-        return self.transition(job_id, JobState.QUEUED, "retry requested", expect=(JobState.FAILED,))
+    def retry(self, job_id: int, reason: str = "retry requested") -> bool:
+        """Put a failed job back in the queue (operator action or due automatic retry)."""
+        return self.transition(
+            job_id, JobState.QUEUED, reason, expect=(JobState.FAILED,), fields={"next_attempt_at": None}
+        )
+
+    def due_retries(self) -> list[int]:
+        """Failed jobs whose scheduled automatic retry is due, moved back to ``queued``."""
+        now = utcnow()
+        with self.db.session() as s:
+            ids = list(
+                s.scalars(
+                    select(Job.id)
+                    .where(
+                        Job.state == JobState.FAILED.value,
+                        Job.next_attempt_at.is_not(None),
+                        Job.next_attempt_at <= now,
+                    )
+                    .order_by(Job.id)
+                )
+            )
+        return [i for i in ids if self.retry(i, "automatic retry")]
 
     # -- deliver -----------------------------------------------------------------
     def record_delivery(

@@ -52,6 +52,7 @@ from service.derive.findings import (
 )
 from service.derive.overlay import DEFAULT_OVERLAY_LABEL, build_overlay_series
 from service.derive.part10 import save_atomically
+from service.derive.references import SliceReference, SliceSources, SourceLayout
 from service.derive.seg import build_lesion_seg
 from service.derive.sources import grid_geometry
 from service.derive.sr import (
@@ -61,7 +62,7 @@ from service.derive.sr import (
     read_lesion_findings,
     read_lesion_volume_ml,
 )
-from service.domain import ResultObject
+from service.domain import ImageVolume, ResultObject, SourceFrame
 
 __all__ = [
     "ADC_CORE_THRESHOLD",
@@ -72,6 +73,9 @@ __all__ = [
     "LesionFindings",
     "ReportedFindings",
     "ReportedLesion",
+    "SliceReference",
+    "SliceSources",
+    "SourceLayout",
     "VolumeClass",
     "build_overlay_series",
     "compute_lesion_findings",
@@ -111,6 +115,25 @@ def _read_dwi(source_paths: Sequence[Path]) -> tuple[list[Dataset], npt.NDArray[
     return datasets, voxels
 
 
+def _frames_and_paths(
+    source_paths: Sequence[Path], sources: Sequence[SourceFrame]
+) -> list[Path]:
+    """The source files of ``sources`` (one per slice), checked against ``source_paths``."""
+    paths = [Path(frame.path) for frame in sources]
+    if len(source_paths) and [Path(p) for p in source_paths] != paths:
+        raise ValueError("source_paths must be the paths of sources, slice for slice (or empty)")
+    return paths
+
+
+def _slice_sources(sources: Sequence[SourceFrame], dwi: ImageVolume | None) -> SliceSources:
+    """Headers of the distinct source objects, and which frame/tile each slice is."""
+    headers: dict[str, Dataset] = {}
+    for frame in sources:
+        if frame.sop_instance_uid not in headers:
+            headers[frame.sop_instance_uid] = pydicom.dcmread(frame.path, stop_before_pixels=True)
+    return SliceSources.from_frames(sources, headers, dwi)
+
+
 def _check_findings(findings: LesionFindings, mask: npt.NDArray[Any]) -> None:
     if findings.shape != mask.shape:
         raise ValueError(f"findings are for shape {findings.shape}, the mask is {mask.shape}")
@@ -145,6 +168,8 @@ def write_results(
     overlay_window: tuple[float, float] | None = None,
     overlay_series_number: int = 9903,
     overlay_series_instance_uid: str | None = None,
+    sources: Sequence[SourceFrame] | None = None,
+    dwi: ImageVolume | None = None,
 ) -> list[ResultObject]:
     """Build the SEG, the SR and optionally the overlay, and save them in ``out_dir``.
 
@@ -165,6 +190,17 @@ def write_results(
     source files' pixels after their modality LUT; ``overlay_label`` is
     burned into every image.
 
+    ``sources`` (``study.dwi_sources``) and ``dwi`` (``study.dwi``) say what
+    each slice is when it is not a classic image of its own: a frame of an
+    Enhanced MR object (the SEG references it per frame with
+    ReferencedFrameNumber, the SR lists the frames, each overlay image
+    references its frame) or a tile of a Siemens MOSAIC (the SEG carries its
+    own plane positions from ``dwi`` and references the mosaic at image
+    level; SR and overlay reference the mosaic).  ``dwi`` is then required;
+    it also supplies the overlay's pixels when ``dwi_voxels`` is not given.
+    With ``sources``, ``source_paths`` may be empty or must be their paths.
+    Classic sources given this way are handled exactly as ``source_paths``.
+
     Returns ``[SEG, SR, OVERLAY...]`` as :class:`ResultObject` (kind
     ``"SEG"``, ``"SR"``, ``"OVERLAY"``; overlay images in display order).
 
@@ -183,20 +219,32 @@ def write_results(
             f"mask is {'non-empty' if mask_arr.any() else 'empty'} but lesion_volume_ml "
             f"is {volume}; they must agree on whether there is a lesion"
         )
+    slices: SliceSources | None = None
+    if sources is not None:
+        source_paths = _frames_and_paths(source_paths, sources)
+        if any(f.frame_number is not None or f.mosaic_index is not None for f in sources):
+            slices = _slice_sources(sources, dwi)
     if len(source_paths) == 0:
         raise ValueError("at least one source image path is required")
+    if dwi is not None and dwi.shape != mask_arr.shape:
+        raise ValueError(f"dwi has shape {dwi.shape}, the mask {mask_arr.shape}")
     if findings is not None:
         _check_findings(findings, mask_arr)
-    dwi: npt.NDArray[np.float64] | None = None
-    if overlay and dwi_voxels is None:
-        sources, dwi = _read_dwi(source_paths)
+    voxels: npt.NDArray[np.float64] | None = None
+    if overlay and dwi_voxels is not None:
+        voxels = np.asarray(dwi_voxels, dtype=np.float64)
+    elif overlay and dwi is not None:
+        voxels = np.asarray(dwi.voxels, dtype=np.float64)
+    source_images: Sequence[Dataset] | SliceSources
+    if slices is not None:
+        source_images = slices
+    elif overlay and voxels is None:
+        source_images, voxels = _read_dwi(source_paths)
     else:
-        sources = _read_headers(source_paths)
-        if overlay:
-            dwi = np.asarray(dwi_voxels, dtype=np.float64)
+        source_images = _read_headers(source_paths)
 
     seg = build_lesion_seg(
-        sources,
+        source_images,
         mask_arr,
         algorithm=algorithm,
         series_number=seg_series_number,
@@ -208,7 +256,7 @@ def write_results(
     )
     sr = build_volume_report(
         seg,
-        sources,
+        source_images,
         volume,
         algorithm=algorithm,
         series_number=sr_series_number,
@@ -222,10 +270,10 @@ def write_results(
     )
     objects: list[tuple[str, Dataset]] = [("SEG", seg), ("SR", sr)]
     if overlay:
-        assert dwi is not None
+        assert voxels is not None
         images = build_overlay_series(
-            sources,
-            dwi,
+            source_images,
+            voxels,
             mask_arr,
             lesion_volume_ml=volume,
             algorithm=algorithm,

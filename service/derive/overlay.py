@@ -68,6 +68,7 @@ from service.derive.concepts import (
 )
 from service.derive.findings import LesionFindings
 from service.derive.font import CELL_HEIGHT, CELL_WIDTH, draw_text, wrap
+from service.derive.references import SliceSources, SourceLayout, as_slice_sources
 from service.derive.sources import (
     _copied_attribute_types,
     spatial_order,
@@ -293,7 +294,7 @@ def _copy_patient_study(ref: Dataset, target: Dataset) -> None:
 
 
 def build_overlay_series(
-    source_images: Sequence[Dataset],
+    source_images: Sequence[Dataset] | SliceSources,
     dwi: npt.ArrayLike,
     mask: npt.ArrayLike,
     *,
@@ -320,6 +321,12 @@ def build_overlay_series(
     given, each image's SOP Instance UID is derived from it and its source's
     SOP Instance UID, so a re-run replaces rather than duplicates the series.
 
+    ``source_images`` may be :class:`~service.derive.references.SliceSources`
+    for frames of a multi-frame object (Enhanced MR) or MOSAIC tiles: each
+    image then references its frame (ReferencedFrameNumber) or the mosaic,
+    takes spacing and orientation from the slice grid, follows the frame or
+    tile order, and derives its UID from the frame or tile as well.
+
     Raises
     ------
     ValueError
@@ -329,6 +336,9 @@ def build_overlay_series(
     """
     if len(source_images) == 0:
         raise ValueError("at least one source image is required")
+    sources = as_slice_sources(source_images)
+    classic = sources.layout is SourceLayout.CLASSIC
+    datasets = [ref.dataset for ref in sources.references]
     dwi_arr = np.asarray(dwi, dtype=np.float64)
     mask_arr = np.asarray(mask)
     if mask_arr.dtype != np.bool_:
@@ -337,15 +347,18 @@ def build_overlay_series(
         mask_arr = mask_arr.astype(bool)
     if dwi_arr.ndim != 3 or dwi_arr.shape != mask_arr.shape:
         raise ValueError(f"dwi {dwi_arr.shape} and mask {mask_arr.shape} must be equal 3-D shapes")
-    if dwi_arr.shape[0] != len(source_images):
+    if dwi_arr.shape[0] != len(sources):
         raise ValueError(
-            f"{dwi_arr.shape[0]} slices but {len(source_images)} source images; "
+            f"{dwi_arr.shape[0]} slices but {len(sources)} source images; "
             "slice i must lie on source_images[i]"
         )
     rows, columns = int(dwi_arr.shape[1]), int(dwi_arr.shape[2])
-    for i, ds in enumerate(source_images):
-        if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
-            raise ValueError(f"source image {i} is not {rows}x{columns}")
+    if classic:
+        for i, ds in enumerate(datasets):
+            if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
+                raise ValueError(f"source image {i} is not {rows}x{columns}")
+    elif sources.frame_shape != (rows, columns):
+        raise ValueError(f"the source slices are not {rows}x{columns}")
     if len(set(outline_rgb)) == 1 or any(not 0 <= c <= 255 for c in outline_rgb):
         raise ValueError("outline_rgb must be a non-grey colour with components 0..255")
     if any(ch in label for ch in "\r\n\f\\"):
@@ -358,14 +371,14 @@ def build_overlay_series(
     if series_number < 1:
         raise ValueError("series_number must be positive")
 
-    first = source_images[0]
+    first = sources.first
     series_uid = series_instance_uid or hd.UID()
-    if series_uid == str(first.SeriesInstanceUID):
+    if series_uid in {str(ds.SeriesInstanceUID) for ds in sources.objects}:
         raise ValueError("the overlay must be in a new series, not the source series")
 
     ref = with_patient_study_fallbacks(first)
     summary = summary_lines(lesion_volume_ml, algorithm, label=label, findings=findings)
-    n = len(source_images)
+    n = len(sources)
     probe = overlay_layout(rows, columns, 0, min_size=min_size)
     common: list[tuple[str, tuple[int, int, int]]] = []
     for k, line in enumerate(summary):
@@ -373,12 +386,18 @@ def build_overlay_series(
         common.extend((part, rgb) for part in wrap(line, probe.chars_per_line))
     layout = overlay_layout(rows, columns, len(common) + 1, min_size=min_size)
 
-    spacing = [float(v) for v in first.PixelSpacing] if "PixelSpacing" in first else None
-    orientation = _patient_orientation([float(v) for v in first.ImageOrientationPatient])
+    if classic:
+        spacing = [float(v) for v in first.PixelSpacing] if "PixelSpacing" in first else None
+        iop = [float(v) for v in first.ImageOrientationPatient]
+    else:  # an Enhanced MR object has them per frame, a MOSAIC's describe the tile grid too
+        assert sources.geometry is not None
+        spacing = list(sources.geometry.pixel_spacing)
+        iop = [*sources.geometry.row_cosine, *sources.geometry.column_cosine]
+    orientation = _patient_orientation(iop)
     charset = ref.get("SpecificCharacterSet")
     body_part = str(first.get("BodyPartExamined", "") or "").strip().upper()
     body_part = body_part if body_part in ("HEAD", "BRAIN") else "HEAD"
-    lossy = any(str(ds.get("LossyImageCompression", "")) == "01" for ds in source_images)
+    lossy = any(str(ds.get("LossyImageCompression", "")) == "01" for ds in sources.objects)
     derivation = (
         f"DWI windowed to [{window[0]:.6g}, {window[1]:.6g}], upscaled {layout.scale}x, "
         f"lesion outline from {algorithm.name} {algorithm.version} burned in; not for diagnosis "
@@ -386,8 +405,11 @@ def build_overlay_series(
     )
 
     images: list[hd.sc.SCImage] = []
-    for position, i in enumerate(_display_order(source_images), start=1):
-        ds = source_images[i]
+    order = _display_order(datasets) if classic else sources.display_order()
+    assert order is not None
+    for position, i in enumerate(order, start=1):
+        ds = datasets[i]
+        frame_number = sources.references[i].frame_number
         counter = f"IMAGE {position} OF {n}"
         pixels = render_overlay_slice(
             dwi_arr[i],
@@ -398,7 +420,7 @@ def build_overlay_series(
             outline_rgb=outline_rgb,
         )
         sop_uid = (
-            stable_uid("overlay-image", series_uid, str(ds.SOPInstanceUID))
+            stable_uid("overlay-image", series_uid, sources.slice_key(i))
             if series_instance_uid
             else hd.UID()
         )
@@ -438,6 +460,8 @@ def build_overlay_series(
         source_item = Dataset()
         source_item.ReferencedSOPClassUID = ds.SOPClassUID
         source_item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        if frame_number is not None:
+            source_item.ReferencedFrameNumber = frame_number
         source_item.PurposeOfReferenceCodeSequence = [_SOURCE_IMAGE_FOR_PROCESSING]
         sc.SourceImageSequence = [source_item]
         if lossy:

@@ -34,6 +34,7 @@ SEG in the *shared* functional groups (valid DICOM); note that its own
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -56,7 +57,17 @@ from service.derive.concepts import (
     LESION_TRACKING_ID,
     stable_uid,
 )
-from service.derive.sources import check_source_images, prepare_sources
+from service.derive.references import (
+    SliceSources,
+    SourceLayout,
+    functional_group_item,
+    positive_number,
+)
+from service.derive.sources import (
+    check_source_images,
+    prepare_sources,
+    with_patient_study_fallbacks,
+)
 
 __all__ = ["build_lesion_seg", "lesion_segment_description", "lesion_tracking_uid"]
 
@@ -110,7 +121,7 @@ def _as_bool_mask(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
 
 
 def build_lesion_seg(
-    source_images: Sequence[Dataset],
+    source_images: Sequence[Dataset] | SliceSources,
     mask: npt.NDArray[np.bool_] | npt.NDArray[np.integer[Any]],
     *,
     algorithm: AlgorithmInfo,
@@ -132,6 +143,11 @@ def build_lesion_seg(
     sorted: highdicom orders the frames by position and keeps each frame's
     reference to its own source image.
 
+    ``source_images`` may instead be :class:`~service.derive.references.SliceSources`
+    (``mask[i]`` on its ``references[i]``): classic images are then handled as
+    above; frames of a multi-frame object (Enhanced MR) and tiles of a Siemens
+    MOSAIC as described in :func:`_build_seg_on_frames`.
+
     ``manufacturer_model_name`` defaults to the algorithm name.
 
     Raises
@@ -143,6 +159,23 @@ def build_lesion_seg(
     mask_bool = _as_bool_mask(mask)
     if mask_bool.ndim != 3:
         raise ValueError(f"mask must be 3-D (slices, rows, columns), got shape {mask_bool.shape}")
+    if isinstance(source_images, SliceSources):
+        if source_images.layout is not SourceLayout.CLASSIC:
+            return _build_seg_on_frames(
+                source_images,
+                mask_bool,
+                algorithm=algorithm,
+                series_number=series_number,
+                instance_number=instance_number,
+                series_description=series_description,
+                manufacturer=manufacturer,
+                manufacturer_model_name=manufacturer_model_name,
+                software_version=software_version,
+                device_serial_number=device_serial_number,
+                series_instance_uid=series_instance_uid,
+                sop_instance_uid=sop_instance_uid,
+            )
+        source_images = [ref.dataset for ref in source_images.references]
     if mask_bool.shape[0] != len(source_images):
         raise ValueError(
             f"mask has {mask_bool.shape[0]} slices but {len(source_images)} source images "
@@ -161,30 +194,269 @@ def build_lesion_seg(
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=mask_bool,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[
+        **_segmentation_arguments(
+            algorithm,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            series_number=series_number,
+            instance_number=instance_number,
+            series_description=series_description,
+            manufacturer=manufacturer,
+            manufacturer_model_name=manufacturer_model_name,
+            software_version=software_version,
+            device_serial_number=device_serial_number,
+        ),
+    )
+    _log_built(seg, mask_bool)
+    return seg
+
+
+def _segmentation_arguments(
+    algorithm: AlgorithmInfo,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    instance_number: int,
+    series_description: str,
+    manufacturer: str,
+    manufacturer_model_name: str | None,
+    software_version: str,
+    device_serial_number: str,
+) -> dict[str, Any]:
+    """The ``hd.seg.Segmentation`` arguments that do not depend on the source layout."""
+    return {
+        "segmentation_type": hd.seg.SegmentationTypeValues.BINARY,
+        "segment_descriptions": [
             lesion_segment_description(algorithm, lesion_tracking_uid(sop_uid)),
         ],
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name or algorithm.name,
-        software_versions=software_version,
-        device_serial_number=device_serial_number,
-        content_label=_CONTENT_LABEL,
-        content_description=_CONTENT_DESCRIPTION,
-        omit_empty_frames=False,
-        series_description=series_description,
-    )
+        "series_instance_uid": series_uid,
+        "series_number": series_number,
+        "sop_instance_uid": sop_uid,
+        "instance_number": instance_number,
+        "manufacturer": manufacturer,
+        "manufacturer_model_name": manufacturer_model_name or algorithm.name,
+        "software_versions": software_version,
+        "device_serial_number": device_serial_number,
+        "content_label": _CONTENT_LABEL,
+        "content_description": _CONTENT_DESCRIPTION,
+        "omit_empty_frames": False,
+        "series_description": series_description,
+    }
+
+
+def _log_built(seg: hd.seg.Segmentation, mask: npt.NDArray[np.bool_]) -> None:
     logger.info(
         "built lesion SEG",
         extra={
-            "series_instance_uid": series_uid,
-            "sop_instance_uid": sop_uid,
+            "series_instance_uid": str(seg.SeriesInstanceUID),
+            "sop_instance_uid": str(seg.SOPInstanceUID),
             "frames": int(seg.NumberOfFrames),
-            "lesion_voxels": int(mask_bool.sum()),
+            "lesion_voxels": int(mask.sum()),
         },
     )
+
+
+# ------------------------------------------------- multi-frame and MOSAIC sources
+
+#: What highdicom writes in a SEG's per-frame Derivation Image items.
+_SEGMENTATION_DERIVATION = hd.sr.CodedConcept("113076", "DCM", "Segmentation")
+_SOURCE_FOR_PROCESSING = hd.sr.CodedConcept(
+    "121322", "DCM", "Source image for image processing operation"
+)
+#: A SEG frame is matched to its slice when its position is this close (mm).
+_POSITION_MATCH_MM = 0.01
+
+
+def _slice_thickness(sources: SliceSources) -> float:
+    """SliceThickness of the source slices, else (logged) the slice spacing."""
+    for ref in sources.references:
+        if ref.frame_number is not None:
+            item = functional_group_item(ref.dataset, ref.frame_number - 1, "PixelMeasuresSequence")
+            thickness = positive_number(item.get("SliceThickness") if item is not None else None)
+        else:
+            thickness = positive_number(ref.dataset.get("SliceThickness"))
+        if thickness is not None:
+            return thickness
+    assert sources.geometry is not None
+    logger.warning("source slices give no SliceThickness; using the slice spacing")
+    return sources.geometry.slice_spacing
+
+
+def _spacing_value(declared: object, spacing: float) -> str:
+    """The declared SpacingBetweenSlices if the slice grid agrees, else the grid's."""
+    value = positive_number(declared)
+    if value is not None and abs(value - spacing) <= 0.01 * spacing:
+        return str(declared)
+    return f"{spacing:.6g}"
+
+
+def _prepared_object(ds: Dataset, sources: SliceSources, thickness: float) -> Dataset:
+    """A copy of a multi-frame or MOSAIC source that highdicom can build the SEG from.
+
+    Patient/study header repaired as for classic sources; the pixel measures
+    highdicom copies (shared functional groups of a multi-frame object,
+    top level of a MOSAIC) set to the slices' thickness and spacing; a
+    per-frame-only orientation also put in the shared groups (highdicom
+    requires a shared one).  The caller's dataset is not modified.
+    """
+    geometry = sources.geometry
+    assert geometry is not None
+    fixed = with_patient_study_fallbacks(ds)
+    if fixed is ds:
+        fixed = copy.deepcopy(ds)
+    spacing = geometry.slice_spacing
+    if sources.layout is SourceLayout.MOSAIC:
+        if positive_number(fixed.get("SliceThickness")) is None:
+            fixed.SliceThickness = f"{thickness:.6g}"
+        fixed.SpacingBetweenSlices = _spacing_value(fixed.get("SpacingBetweenSlices"), spacing)
+        return fixed
+
+    frame_index = next(
+        (r.frame_number - 1 for r in sources.references
+         if r.frame_number is not None and r.sop_instance_uid == ds.SOPInstanceUID),
+        0,
+    )
+    shared_sequence = fixed.get("SharedFunctionalGroupsSequence", None)
+    if not shared_sequence:
+        fixed.SharedFunctionalGroupsSequence = [Dataset()]
+    shared = fixed.SharedFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" not in shared:
+        orientation = functional_group_item(fixed, frame_index, "PlaneOrientationSequence")
+        assert orientation is not None  # SliceSources.from_frames checked
+        shared.PlaneOrientationSequence = [copy.deepcopy(orientation)]
+    source_measures = functional_group_item(fixed, frame_index, "PixelMeasuresSequence")
+    assert source_measures is not None  # SliceSources.from_frames checked
+    measures = Dataset()
+    measures.PixelSpacing = source_measures.PixelSpacing
+    measures.SliceThickness = f"{thickness:.6g}"
+    measures.SpacingBetweenSlices = _spacing_value(
+        source_measures.get("SpacingBetweenSlices"), spacing
+    )
+    shared.PixelMeasuresSequence = [measures]
+    return fixed
+
+
+def _frame_reference(sources: SliceSources, i: int) -> list[Dataset]:
+    """Per-frame DerivationImageSequence of the SEG frame on slice ``i``.
+
+    A frame of a multi-frame object: that frame, explicitly, with spatial
+    locations preserved (the SEG frame is the source frame's plane).  A MOSAIC
+    tile: nothing (type 2, empty) -- the only possible reference is the whole
+    mosaic, which would tell viewers that resolve references instead of
+    positions to put every frame on one image.  The mosaic is referenced at
+    image level (SourceImageSequence, ReferencedSeriesSequence).
+    """
+    ref = sources.references[i]
+    if ref.frame_number is None:
+        return []
+    source = Dataset()
+    source.ReferencedSOPClassUID = ref.sop_class_uid
+    source.ReferencedSOPInstanceUID = ref.sop_instance_uid
+    source.ReferencedFrameNumber = ref.frame_number
+    source.PurposeOfReferenceCodeSequence = [_SOURCE_FOR_PROCESSING]
+    source.SpatialLocationsPreserved = "YES"
+    derivation = Dataset()
+    derivation.DerivationCodeSequence = [_SEGMENTATION_DERIVATION]
+    derivation.SourceImageSequence = [source]
+    return [derivation]
+
+
+def _build_seg_on_frames(
+    sources: SliceSources,
+    mask: npt.NDArray[np.bool_],
+    *,
+    algorithm: AlgorithmInfo,
+    series_number: int,
+    instance_number: int,
+    series_description: str,
+    manufacturer: str,
+    manufacturer_model_name: str | None,
+    software_version: str,
+    device_serial_number: str,
+    series_instance_uid: str | None,
+    sop_instance_uid: str | None,
+) -> hd.seg.Segmentation:
+    """The SEG of ``mask`` on frames of multi-frame objects or tiles of MOSAICs.
+
+    highdicom 0.28.2 cannot derive the frames from such sources itself: an
+    Enhanced MR DWI object holds b0 and b-high frames at the same positions
+    ('Plane positions must not contain duplicates'), and a MOSAIC is one
+    large image.  So it gets explicit plane positions (a frame's own, or for
+    a tile the DWI grid's ``origin + k * slice_spacing * slice_cosine``),
+    orientation and pixel measures, the frame size of a DWI slice, and the
+    source object(s) for the patient/study header, FrameOfReferenceUID and
+    the image-level references; afterwards each SEG frame's
+    DerivationImageSequence is replaced by the reference to its own slice
+    (:func:`_frame_reference`: highdicom would reference the b0 frame at
+    the same position too).
+    """
+    geometry, frame_shape = sources.geometry, sources.frame_shape
+    assert geometry is not None and frame_shape is not None
+    if mask.shape[0] != len(sources):
+        raise ValueError(
+            f"mask has {mask.shape[0]} slices but {len(sources)} source frames were given"
+        )
+    if (int(mask.shape[1]), int(mask.shape[2])) != frame_shape:
+        raise ValueError(
+            f"mask slices are {mask.shape[1]}x{mask.shape[2]} but the source slices are "
+            f"{frame_shape[0]}x{frame_shape[1]}"
+        )
+    if series_number < 1 or instance_number < 1:
+        raise ValueError("series_number and instance_number must be positive")
+    series_uid = series_instance_uid or hd.UID()
+    sop_uid = sop_instance_uid or hd.UID()
+    if series_uid in {str(ds.SeriesInstanceUID) for ds in sources.objects}:
+        raise ValueError("the SEG must be in a new series, not the source series")
+
+    thickness = _slice_thickness(sources)
+    objects = [_prepared_object(ds, sources, thickness) for ds in sources.objects]
+    positions = np.array([sources.frame_position(i) for i in range(len(sources))])
+    patient = hd.CoordinateSystemNames.PATIENT
+    seg = hd.seg.Segmentation(
+        source_images=objects[:1],
+        further_source_images=objects[1:] or None,
+        pixel_array=mask,
+        plane_positions=[
+            hd.PlanePositionSequence(patient, [float(v) for v in p]) for p in positions
+        ],
+        plane_orientation=hd.PlaneOrientationSequence(
+            patient, [*geometry.row_cosine, *geometry.column_cosine]
+        ),
+        pixel_measures=hd.PixelMeasuresSequence(
+            pixel_spacing=list(geometry.pixel_spacing),
+            slice_thickness=thickness,
+            spacing_between_slices=geometry.slice_spacing,
+        ),
+        **_segmentation_arguments(
+            algorithm,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            series_number=series_number,
+            instance_number=instance_number,
+            series_description=series_description,
+            manufacturer=manufacturer,
+            manufacturer_model_name=manufacturer_model_name,
+            software_version=software_version,
+            device_serial_number=device_serial_number,
+        ),
+    )
+
+    matched: set[int] = set()
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        position = np.array(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        )
+        distances = np.linalg.norm(positions - position, axis=1)
+        i = int(np.argmin(distances))
+        if distances[i] > _POSITION_MATCH_MM or i in matched:
+            raise ValueError("cannot match the SEG frames to the source slices by position")
+        matched.add(i)
+        frame.DerivationImageSequence = _frame_reference(sources, i)
+    if len(matched) != len(sources):
+        raise ValueError(f"the SEG has {len(matched)} frames for {len(sources)} slices")
+    rebuild = getattr(seg, "_build_luts", None)
+    if callable(rebuild):  # highdicom's frame look-up tables, now stale
+        rebuild()
+    _log_built(seg, mask)
     return seg

@@ -113,6 +113,7 @@ from service.derive.concepts import (
     stable_uid,
 )
 from service.derive.findings import Lesion, LesionFindings
+from service.derive.references import SliceSources, as_slice_sources
 from service.derive.seg import lesion_tracking_uid
 from service.derive.sources import with_patient_study_fallbacks
 
@@ -168,22 +169,24 @@ def _segment_tracking_uid(seg: Dataset) -> str:
     return lesion_tracking_uid(str(seg.SOPInstanceUID))
 
 
-def _check_seg(seg: Dataset, source_images: Sequence[Dataset]) -> None:
+def _check_seg(seg: Dataset, sources: SliceSources) -> None:
     """Raise ``ValueError`` unless ``seg`` is a SEG of these sources with segment 1."""
     if str(seg.get("SOPClassUID", "")) not in (SegmentationStorage, _LABELMAP_SEGMENTATION_STORAGE):
         raise ValueError("seg is not a Segmentation Storage instance")
     numbers = {int(item.SegmentNumber) for item in seg.get("SegmentSequence", [])}
     if LESION_SEGMENT_NUMBER not in numbers:
         raise ValueError(f"seg has no segment {LESION_SEGMENT_NUMBER}")
-    if len(source_images) == 0:
-        raise ValueError("at least one source image is required")
-    study_uids = {str(ds.StudyInstanceUID) for ds in source_images}
+    study_uids = {str(ds.StudyInstanceUID) for ds in sources.objects}
     if study_uids != {str(seg.StudyInstanceUID)}:
         raise ValueError("seg and source images must belong to the same study")
 
 
-def _referenced_segment(seg: Dataset, source_images: Sequence[Dataset]) -> hd.sr.ReferencedSegment:
+def _referenced_segment(seg: Dataset, sources: SliceSources) -> hd.sr.ReferencedSegment:
     """Reference to segment 1 of ``seg`` and the images it was derived from.
+
+    One IMAGE item per source object; a multi-frame object's item lists the
+    frames the mask lies on (the high-b frames, not the b0 ones), a MOSAIC's
+    refers to the whole mosaic.
 
     Built explicitly: ``hd.sr.ReferencedSegment.from_segmentation`` in
     highdicom 0.28.2 looks for the Segment Identification Sequence only in
@@ -195,13 +198,7 @@ def _referenced_segment(seg: Dataset, source_images: Sequence[Dataset]) -> hd.sr
         sop_class_uid=str(seg.SOPClassUID),
         sop_instance_uid=str(seg.SOPInstanceUID),
         segment_number=LESION_SEGMENT_NUMBER,
-        source_images=[
-            hd.sr.SourceImageForSegmentation(
-                referenced_sop_class_uid=str(ds.SOPClassUID),
-                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-            )
-            for ds in source_images
-        ],
+        source_images=sources.sr_source_images(),
     )
 
 
@@ -222,40 +219,32 @@ def _append(group: Template, items: Sequence[hd.sr.ContentItem]) -> None:
         group[0].ContentSequence.extend(items)
 
 
-def _instance_number(ds: Dataset) -> int | None:
-    try:
-        return int(ds.InstanceNumber)
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def _slice_range_text(lesion: Lesion, source_images: Sequence[Dataset]) -> str:
+def _slice_range_text(lesion: Lesion, sources: SliceSources) -> str:
+    """The lesion's slices; InstanceNumbers only where each slice is an image of its own
+    (frames and MOSAIC tiles share their object's, so they are "unknown")."""
     numbers = [
-        _instance_number(source_images[i]) for i in range(lesion.first_slice, lesion.last_slice + 1)
+        sources.instance_number(i) for i in range(lesion.first_slice, lesion.last_slice + 1)
     ]
     known = [n for n in numbers if n is not None]
     a, b = (str(min(known)), str(max(known))) if len(known) == len(numbers) else ("unknown",) * 2
     return _SLICE_RANGE_TEXT.format(
-        a=a, b=b, i=lesion.first_slice, j=lesion.last_slice, n=len(source_images)
+        a=a, b=b, i=lesion.first_slice, j=lesion.last_slice, n=len(sources)
     )
 
 
-def _check_findings(
-    findings: LesionFindings, volume: float, source_images: Sequence[Dataset]
-) -> None:
+def _check_findings(findings: LesionFindings, volume: float, sources: SliceSources) -> None:
     """Raise ``ValueError`` unless ``findings`` belong to this volume and these sources."""
-    if findings.shape[0] != len(source_images):
+    if findings.shape[0] != len(sources):
         raise ValueError(
-            f"findings are for {findings.shape[0]} slices but {len(source_images)} source "
+            f"findings are for {findings.shape[0]} slices but {len(sources)} source "
             "images were given"
         )
-    for ds in source_images[:1]:
-        if (
-            "Rows" in ds
-            and "Columns" in ds
-            and (int(ds.Rows), int(ds.Columns)) != findings.shape[1:]
-        ):
-            raise ValueError("findings were computed on another image size than the sources")
+    frame_shape = sources.frame_shape  # a MOSAIC's Rows/Columns are not a slice's
+    first = sources.first
+    if frame_shape is None and "Rows" in first and "Columns" in first:
+        frame_shape = (int(first.Rows), int(first.Columns))
+    if frame_shape is not None and frame_shape != findings.shape[1:]:
+        raise ValueError("findings were computed on another image size than the sources")
     if not math.isclose(findings.total_volume_ml, volume, rel_tol=_VOLUME_RTOL, abs_tol=1e-9):
         raise ValueError(
             f"findings give a lesion volume of {findings.total_volume_ml} mL but the report "
@@ -267,11 +256,10 @@ def _lesion_group(
     lesion: Lesion,
     count: int,
     main_tracking_uid: str,
-    source_images: Sequence[Dataset],
+    sources: SliceSources,
     algorithm_id: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 for one lesion: a centre-of-mass point ROI and the lesion's numbers."""
-    spanned = source_images[lesion.first_slice : lesion.last_slice + 1]
     measurements = [hd.sr.Measurement(name=VOLUME, value=lesion.volume_ml, unit=MILLILITER)]
     if lesion.mean_adc is not None:
         measurements.append(
@@ -290,14 +278,8 @@ def _lesion_group(
         referenced_volume_surface=hd.sr.VolumeSurface(
             graphic_type=hd.sr.GraphicTypeValues3D.POINT,
             graphic_data=np.asarray([lesion.centroid_mm], dtype=np.float64),
-            frame_of_reference_uid=str(source_images[0].FrameOfReferenceUID),
-            source_images=[
-                hd.sr.SourceImageForSegmentation(
-                    referenced_sop_class_uid=str(ds.SOPClassUID),
-                    referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-                )
-                for ds in spanned
-            ],
+            frame_of_reference_uid=str(sources.first.FrameOfReferenceUID),
+            source_images=sources.sr_source_images(lesion.first_slice, lesion.last_slice + 1),
         ),
         geometric_purpose=CENTER_OF_MASS,
         finding_type=INFARCT,
@@ -310,7 +292,7 @@ def _lesion_group(
             )
         ],
     )
-    _append(group, [_text(SLICE_RANGE, _slice_range_text(lesion, source_images))])
+    _append(group, [_text(SLICE_RANGE, _slice_range_text(lesion, sources))])
     return group
 
 
@@ -355,7 +337,7 @@ def _core_group(
 
 def build_volume_report(
     seg: hd.seg.Segmentation | Dataset,
-    source_images: Sequence[Dataset],
+    source_images: Sequence[Dataset] | SliceSources,
     lesion_volume_ml: float,
     *,
     algorithm: AlgorithmInfo,
@@ -376,7 +358,10 @@ def build_volume_report(
     """Build the TID 1500 report of ``lesion_volume_ml`` for segment 1 of ``seg``.
 
     ``source_images`` are the images ``seg`` was derived from (headers are
-    enough), in mask order; they and ``seg`` become the SR's evidence.
+    enough), in mask order, or :class:`~service.derive.references.SliceSources`
+    for frames of multi-frame objects and MOSAIC tiles (the report then
+    references the objects with the frames the mask lies on); the source
+    objects and ``seg`` become the SR's evidence.
     ``lesion_volume_ml`` may be 0.0 (no lesion): the report is still written,
     with "Absent".  ``finding_site`` (e.g. a vascular territory) is optional.
 
@@ -399,19 +384,24 @@ def build_volume_report(
     volume = float(lesion_volume_ml)
     if not math.isfinite(volume) or volume < 0.0:
         raise ValueError(f"lesion_volume_ml must be a finite number >= 0, got {lesion_volume_ml!r}")
-    _check_seg(seg, source_images)
+    if len(source_images) == 0:
+        raise ValueError("at least one source image is required")
+    sources = as_slice_sources(source_images)
+    _check_seg(seg, sources)
     if series_number < 1 or instance_number < 1:
         raise ValueError("series_number and instance_number must be positive")
     if max_itemised_lesions < 0:
         raise ValueError("max_itemised_lesions must be >= 0")
     if findings is not None:
-        _check_findings(findings, volume, source_images)
+        _check_findings(findings, volume, sources)
     elif core_volume_cutoffs_ml:
         raise ValueError("core-volume comparisons need findings (the ADC core volume)")
 
     series_uid = series_instance_uid or hd.UID()
     sop_uid = sop_instance_uid or hd.UID()
-    if series_uid in (str(seg.SeriesInstanceUID), str(source_images[0].SeriesInstanceUID)):
+    if series_uid in {str(seg.SeriesInstanceUID)} | {
+        str(ds.SeriesInstanceUID) for ds in sources.objects
+    }:
         raise ValueError("the SR must be in its own series, not the SEG's or the source series")
 
     observer = hd.sr.ObserverContext(
@@ -478,7 +468,7 @@ def build_volume_report(
             uid=main_tracking_uid,
             identifier=LESION_TRACKING_ID,
         ),
-        referenced_segment=_referenced_segment(seg, source_images),
+        referenced_segment=_referenced_segment(seg, sources),
         finding_type=INFARCT,
         finding_category=LESION_CATEGORY,
         algorithm_id=algorithm_id,
@@ -503,7 +493,7 @@ def build_volume_report(
     if findings is not None:
         groups.extend(
             _lesion_group(
-                lesion, findings.lesion_count, main_tracking_uid, source_images, algorithm_id
+                lesion, findings.lesion_count, main_tracking_uid, sources, algorithm_id
             )
             for lesion in findings.lesions[:max_itemised_lesions]
         )
@@ -518,7 +508,8 @@ def build_volume_report(
     )
     # evidence[0] supplies the SR's patient/study modules (and the acquisition
     # equipment listed as contributing equipment), hence the patched source first.
-    evidence = [with_patient_study_fallbacks(source_images[0]), *source_images[1:], seg]
+    objects = sources.objects
+    evidence = [with_patient_study_fallbacks(objects[0]), *objects[1:], seg]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
