@@ -300,9 +300,12 @@ def jobs(
     for job in store.jobs(limit=limit):
         volume = f"{job.lesion_volume_ml:.2f}" if job.lesion_volume_ml is not None else "-"
         finished = job.finished_at.isoformat(timespec="seconds") if job.finished_at else "-"
+        reason = job.reason
+        if job.superseded_by is not None:
+            reason = f"{reason}; superseded by job {job.superseded_by}".lstrip("; ")
         typer.echo(
             f"{job.id}\t{job.state.value}\t{volume}\t{job.created_at.isoformat(timespec='seconds')}"
-            f"\t{finished}\t{job.study_instance_uid}\t{job.reason}"
+            f"\t{finished}\t{job.study_instance_uid}\t{reason}"
         )
 
 

@@ -316,4 +316,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
             reason += "; no more automatic retries (delivery.retry_max_age_s); use `strokeseg retry`"
         log.warning("job %d %s", job_id, reason, extra=extra)
         return _finish(ctx, job_id, JobState.FAILED, reason, fields)
-    return _finish(ctx, job_id, JobState.DELIVERED, "", fields)
+    state = _finish(ctx, job_id, JobState.DELIVERED, "", fields)
+    for older in ctx.store.supersede(job_id):
+        log.info("job %d: result superseded by job %d", older, job_id, extra=extra)
+    return state

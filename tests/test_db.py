@@ -95,3 +95,20 @@ def test_retry_only_from_failed(store: JobStore) -> None:
 def test_migrations_are_idempotent(sqlite_url: str) -> None:
     Database(sqlite_url).dispose()
     Database(sqlite_url).dispose()  # second upgrade is a no-op, not an error
+
+
+def test_a_newer_result_supersedes_the_older_one(store: JobStore) -> None:
+    first = _receive(store, "1.1")
+    store.complete_studies(idle_s=0)
+    store.claim(first)
+    store.transition(first, JobState.DELIVERED)
+    second = _receive(store, "1.1")  # the study is sent again: a new job, a new result version
+    assert second != first
+    store.complete_studies(idle_s=0)
+    store.claim(second)
+    assert store.previous_result(second).id == first  # type: ignore[union-attr]
+    store.transition(second, JobState.DELIVERED)
+    assert store.supersede(second) == [first]
+    assert store.job(first).superseded_by == second  # type: ignore[union-attr]
+    assert store.previous_result(second) is None
+    assert store.events(first)[-1][1] == f"superseded by job {second}"

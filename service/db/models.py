@@ -84,6 +84,8 @@ class Job(Base):
     result_dir: Mapped[str] = mapped_column(Text, default="")
     # When a failed delivery is tried again automatically (None: not scheduled).
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime())
+    # A later job of the same study delivered a newer result version.
+    superseded_by: Mapped[int | None] = mapped_column(Integer)
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"

@@ -48,6 +48,8 @@ class JobSummary:
     lesion_volume_ml: float | None
     instances: int
     next_attempt_at: datetime | None = None
+    superseded_by: int | None = None
+    result_dir: str = ""
 
 
 def _summary(job: Job, instances: int = 0) -> JobSummary:
@@ -64,6 +66,8 @@ def _summary(job: Job, instances: int = 0) -> JobSummary:
         lesion_volume_ml=job.lesion_volume_ml,
         instances=instances,
         next_attempt_at=job.next_attempt_at,
+        superseded_by=job.superseded_by,
+        result_dir=job.result_dir,
     )
 
 
@@ -301,6 +305,45 @@ class JobStore:
         return self.transition(
             job_id, JobState.QUEUED, reason, expect=(JobState.FAILED,), fields={"next_attempt_at": None}
         )
+
+    def previous_result(self, job_id: int) -> JobSummary | None:
+        """The newest delivered, not yet superseded, earlier job of the same study."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return None
+            previous = s.scalars(
+                select(Job)
+                .where(
+                    Job.study_instance_uid == job.study_instance_uid,
+                    Job.id < job_id,
+                    Job.state == JobState.DELIVERED.value,
+                    Job.superseded_by.is_(None),
+                )
+                .order_by(Job.id.desc())
+            ).first()
+            return _summary(previous) if previous is not None else None
+
+    def supersede(self, job_id: int) -> list[int]:
+        """Mark every earlier delivered job of the same study as superseded by ``job_id``."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return []
+            older = list(
+                s.scalars(
+                    select(Job).where(
+                        Job.study_instance_uid == job.study_instance_uid,
+                        Job.id < job_id,
+                        Job.state == JobState.DELIVERED.value,
+                        Job.superseded_by.is_(None),
+                    )
+                )
+            )
+            for other in older:
+                other.superseded_by = job_id
+                s.add(JobEvent(job_id=other.id, state=other.state, reason=f"superseded by job {job_id}", at=utcnow()))
+            return [o.id for o in older]
 
     def due_retries(self) -> list[int]:
         """Failed jobs whose scheduled automatic retry is due, moved back to ``queued``."""

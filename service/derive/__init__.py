@@ -115,9 +115,7 @@ def _read_dwi(source_paths: Sequence[Path]) -> tuple[list[Dataset], npt.NDArray[
     return datasets, voxels
 
 
-def _frames_and_paths(
-    source_paths: Sequence[Path], sources: Sequence[SourceFrame]
-) -> list[Path]:
+def _frames_and_paths(source_paths: Sequence[Path], sources: Sequence[SourceFrame]) -> list[Path]:
     """The source files of ``sources`` (one per slice), checked against ``source_paths``."""
     paths = [Path(frame.path) for frame in sources]
     if len(source_paths) and [Path(p) for p in source_paths] != paths:

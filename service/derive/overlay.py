@@ -36,8 +36,10 @@ Design choices, and why:
   (that attribute is about identifying text); the label is also in
   ImageComments.
 * **References**: SourceImageSequence points each image at its DWI source
-  (purpose DCM 121322 "Source image for image processing operation");
-  DerivationDescription says what was done.
+  (purpose DCM 121322 "Source image for image processing operation") -- with
+  ReferencedFrameNumber where the slice is a frame of an Enhanced MR object,
+  the whole mosaic where it is a MOSAIC tile; DerivationDescription says what
+  was done.
 * BodyPartExamined is the source's ``HEAD``/``BRAIN`` (else ``HEAD``, which
   a brain DWI is): validators require a Laterality for a series whose body
   part could be paired.

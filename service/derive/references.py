@@ -192,9 +192,10 @@ class SliceSources:
             ds = headers.get(frame.sop_instance_uid)
             if ds is None:
                 raise ValueError(f"no header for the object of source frame {i}")
-            if str(ds.get("SOPInstanceUID", "")) != frame.sop_instance_uid or str(
-                ds.get("SOPClassUID", "")
-            ) != frame.sop_class_uid:
+            if (
+                str(ds.get("SOPInstanceUID", "")) != frame.sop_instance_uid
+                or str(ds.get("SOPClassUID", "")) != frame.sop_class_uid
+            ):
                 raise ValueError(f"the header of source frame {i} is another object")
             references.append(SliceReference(ds, frame.frame_number, frame.mosaic_index))
 
@@ -261,9 +262,7 @@ class SliceSources:
             )
             measures = functional_group_item(ds, ref.frame_number - 1, "PixelMeasuresSequence")
             if orientation is None or measures is None:
-                raise ValueError(
-                    f"frame {ref.frame_number} lacks PlaneOrientation/PixelMeasures"
-                )
+                raise ValueError(f"frame {ref.frame_number} lacks PlaneOrientation/PixelMeasures")
             self._check_plane(
                 f"frame {ref.frame_number}",
                 _floats(orientation.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),

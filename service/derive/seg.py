@@ -25,6 +25,13 @@ Design choices, and why:
 * The segment carries a Tracking UID derived from the SOP Instance UID, and
   the SR reuses it, so the SR's measurement group and the SEG's segment are
   linked by tracking identity as well as by reference.
+* Enhanced MR DWI (b0 and b-high frames of one object at the same plane
+  positions) and Siemens MOSAIC DWI (all slices tiled in one image) are not
+  one image per slice; given :class:`~service.derive.references.SliceSources`
+  the SEG gets explicit plane positions, orientation and pixel measures of
+  the DWI slices and references the high-b frames per frame
+  (ReferencedFrameNumber) or the mosaic at image level only; see
+  :func:`_build_seg_on_frames`.
 
 highdicom 0.28.2 puts the Segment Identification Sequence of a one-segment
 SEG in the *shared* functional groups (valid DICOM); note that its own
@@ -313,8 +320,11 @@ def _prepared_object(ds: Dataset, sources: SliceSources, thickness: float) -> Da
         return fixed
 
     frame_index = next(
-        (r.frame_number - 1 for r in sources.references
-         if r.frame_number is not None and r.sop_instance_uid == ds.SOPInstanceUID),
+        (
+            r.frame_number - 1
+            for r in sources.references
+            if r.frame_number is not None and r.sop_instance_uid == ds.SOPInstanceUID
+        ),
         0,
     )
     shared_sequence = fixed.get("SharedFunctionalGroupsSequence", None)
@@ -444,9 +454,7 @@ def _build_seg_on_frames(
 
     matched: set[int] = set()
     for frame in seg.PerFrameFunctionalGroupsSequence:
-        position = np.array(
-            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
-        )
+        position = np.array([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
         distances = np.linalg.norm(positions - position, axis=1)
         i = int(np.argmin(distances))
         if distances[i] > _POSITION_MATCH_MM or i in matched:

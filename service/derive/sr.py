@@ -16,8 +16,10 @@ understand), not from SEG pixels.  The report contains:
   in UCUM mL, and a qualitative evaluation "Presence of property" =
   Present/Absent.  A study without a lesion gets the same report with volume
   0 mL and "Absent", so "no lesion detected" is an explicit, coded answer;
-* evidence: every source image and the SEG (highdicom requires every
-  referenced instance to be listed).
+* evidence: every source object and the SEG (highdicom requires every
+  referenced instance to be listed).  Where the DWI slices are frames of an
+  Enhanced MR object, the IMAGE references carry the frame numbers of the
+  slices (the high-b frames); a Siemens MOSAIC is referenced as a whole.
 
 Given :class:`~service.derive.findings.LesionFindings` (optional, so callers
 that only know the volume keep working), the report says more; every
@@ -222,9 +224,7 @@ def _append(group: Template, items: Sequence[hd.sr.ContentItem]) -> None:
 def _slice_range_text(lesion: Lesion, sources: SliceSources) -> str:
     """The lesion's slices; InstanceNumbers only where each slice is an image of its own
     (frames and MOSAIC tiles share their object's, so they are "unknown")."""
-    numbers = [
-        sources.instance_number(i) for i in range(lesion.first_slice, lesion.last_slice + 1)
-    ]
+    numbers = [sources.instance_number(i) for i in range(lesion.first_slice, lesion.last_slice + 1)]
     known = [n for n in numbers if n is not None]
     a, b = (str(min(known)), str(max(known))) if len(known) == len(numbers) else ("unknown",) * 2
     return _SLICE_RANGE_TEXT.format(
@@ -492,9 +492,7 @@ def build_volume_report(
     ] = [group]
     if findings is not None:
         groups.extend(
-            _lesion_group(
-                lesion, findings.lesion_count, main_tracking_uid, sources, algorithm_id
-            )
+            _lesion_group(lesion, findings.lesion_count, main_tracking_uid, sources, algorithm_id)
             for lesion in findings.lesions[:max_itemised_lesions]
         )
         groups.append(
