@@ -93,6 +93,8 @@ def segment_files(
             overlay=overlay,
             overlay_label=derive.overlay.label,
             dwi_voxels=study.dwi.voxels,
+            sources=study.dwi_sources,
+            dwi=study.dwi,
         )
     except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
         raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
