@@ -59,6 +59,7 @@ def segment_files(
     derive: DeriveSettings | None = None,
     *,
     overlay: bool = False,
+    previous_reports: Sequence[Path] = (),
 ) -> StudyResult:
     """Segment one study's files and write SEG + SR (+ overlay) into ``out_dir``.
 
@@ -95,6 +96,7 @@ def segment_files(
             dwi_voxels=study.dwi.voxels,
             sources=study.dwi_sources,
             dwi=study.dwi,
+            previous_reports=previous_reports,
         )
     except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
         raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
@@ -275,6 +277,10 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
         else:
             paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
             model = ctx.model()
+            previous = ctx.store.previous_result(job_id)
+            previous_reports = (
+                sorted(Path(previous.result_dir).glob("SR_*.dcm")) if previous and previous.result_dir else []
+            )
             result = segment_files(
                 paths,
                 model,
@@ -282,6 +288,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
                 ctx.settings.preprocess.profile_options(),
                 ctx.settings.derive,
                 overlay=ctx.settings.overlay_enabled,
+                previous_reports=previous_reports,
             )
             objects = result.objects
             fields.update(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -21,6 +22,7 @@ from service.derive import AlgorithmInfo, write_results
 from service.pipeline import WorkerContext, _deliver
 from tests.conftest import free_port
 from tests.dicom_factory import make_dwi_series, write_series
+from tests.peers import dciodvfy_errors
 
 pytestmark = pytest.mark.network
 
@@ -71,3 +73,25 @@ def test_refused_objects_are_recorded_with_their_status_code(tmp_path: Path, ref
         ("SEG", "failed", OUT_OF_RESOURCES), ("SR", "failed", OUT_OF_RESOURCES),
     }
     ctx.db.dispose()
+
+
+def test_a_new_result_version_references_its_predecessor_report(tmp_path: Path) -> None:
+    series = make_dwi_series(6, 32, 32)
+    paths = write_series(series, tmp_path / "src")
+    mask = np.zeros((6, 32, 32), dtype=bool)
+    mask[2:4, 10:20, 10:20] = True
+    volume = float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000
+    first = write_results(paths, mask, volume, AlgorithmInfo("m", "1"), tmp_path / "v1")
+    first_sr = next(o for o in first if o.kind == "SR")
+    second = write_results(
+        paths, mask, volume, AlgorithmInfo("m", "2"), tmp_path / "v2", previous_reports=[first_sr.path]
+    )
+    sr = pydicom.dcmread(next(o for o in second if o.kind == "SR").path)
+    referenced = [
+        inst.ReferencedSOPInstanceUID
+        for study in sr.PredecessorDocumentsSequence
+        for series_item in study.ReferencedSeriesSequence
+        for inst in series_item.ReferencedSOPSequence
+    ]
+    assert referenced == [first_sr.sop_instance_uid]
+    assert dciodvfy_errors(next(o for o in second if o.kind == "SR").path) == []

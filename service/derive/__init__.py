@@ -168,6 +168,7 @@ def write_results(
     overlay_series_instance_uid: str | None = None,
     sources: Sequence[SourceFrame] | None = None,
     dwi: ImageVolume | None = None,
+    previous_reports: Sequence[Path] = (),
 ) -> list[ResultObject]:
     """Build the SEG, the SR and optionally the overlay, and save them in ``out_dir``.
 
@@ -265,6 +266,7 @@ def write_results(
         sop_instance_uid=sr_sop_instance_uid,
         findings=findings,
         core_volume_cutoffs_ml=core_volume_cutoffs_ml,
+        previous_versions=[pydicom.dcmread(p, stop_before_pixels=True) for p in previous_reports],
     )
     objects: list[tuple[str, Dataset]] = [("SEG", seg), ("SR", sr)]
     if overlay:

@@ -354,8 +354,12 @@ def build_volume_report(
     finding_site: Code | hd.sr.CodedConcept | None = None,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 report of ``lesion_volume_ml`` for segment 1 of ``seg``.
+
+    ``previous_versions`` are earlier reports of this study that this one
+    supersedes (a re-run); they go into PredecessorDocumentsSequence.
 
     ``source_images`` are the images ``seg`` was derived from (headers are
     enough), in mask order, or :class:`~service.derive.references.SliceSources`
@@ -525,6 +529,7 @@ def build_volume_report(
         software_versions=software_version,
         device_serial_number=device_serial_number,
         coding_schemes=[private_coding_scheme()] if findings is not None else None,
+        previous_versions=list(previous_versions) or None,
     )
     logger.info(
         "built lesion volume SR",
