@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataset import Dataset
 
 Vector3 = tuple[float, float, float]
 
@@ -158,8 +159,19 @@ class LesionSegmentation:
 class ResultObject:
     """A DICOM object we produced, on disk, ready for delivery."""
 
-    kind: str  # "SEG" | "SR" | ...
+    kind: str  # "SEG" | "SR" | "OVERLAY"
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
+
+    @classmethod
+    def of(cls, kind: str, path: Path, ds: Dataset) -> ResultObject:
+        """The result object for dataset ``ds`` written at ``path``."""
+        return cls(
+            kind=kind,
+            path=path,
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+        )

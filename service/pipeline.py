@@ -220,20 +220,11 @@ def _request_commitment(
 
 
 def _existing_results(result_dir: Path) -> list[ResultObject]:
-    """Result objects a previous attempt of this job already wrote (SEG first, then SR)."""
+    """Result objects a previous attempt of this job already wrote (SEG, SR, overlays)."""
     objects = []
     for kind in ("SEG", "SR", "OVERLAY"):
         for path in sorted(result_dir.glob(f"{kind}_*.dcm")):
-            ds = dcmread(path, stop_before_pixels=True)
-            objects.append(
-                ResultObject(
-                    kind=kind,
-                    path=path,
-                    sop_class_uid=str(ds.SOPClassUID),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID),
-                )
-            )
+            objects.append(ResultObject.of(kind, path, dcmread(path, stop_before_pixels=True)))
     return objects
 
 

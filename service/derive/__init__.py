@@ -291,15 +291,7 @@ def write_results(
     results: list[ResultObject] = []
     for kind, ds in objects:
         path = save_atomically(ds, Path(out_dir) / f"{kind}_{ds.SOPInstanceUID}.dcm")
-        results.append(
-            ResultObject(
-                kind=kind,
-                path=path,
-                sop_class_uid=str(ds.SOPClassUID),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                series_instance_uid=str(ds.SeriesInstanceUID),
-            )
-        )
+        results.append(ResultObject.of(kind, path, ds))
     logger.info(
         "wrote derived objects",
         extra={

@@ -84,8 +84,9 @@ def group_by_study(paths: Iterable[Path]) -> dict[str, list[Path]]:
     return dict(studies)
 
 
-def _as_sitk(volume: ImageVolume) -> sitk.Image:
-    image = sitk.GetImageFromArray(volume.voxels)
+def as_sitk(volume: ImageVolume, voxels: np.ndarray | None = None) -> sitk.Image:
+    """``volume`` (or other ``voxels`` on its grid) as a SimpleITK image in patient coordinates."""
+    image = sitk.GetImageFromArray(volume.voxels if voxels is None else voxels)
     image.SetOrigin(volume.origin)
     image.SetSpacing((volume.pixel_spacing[1], volume.pixel_spacing[0], volume.slice_spacing))
     direction = np.column_stack([volume.row_cosine, volume.column_cosine, volume.slice_cosine])
@@ -95,8 +96,8 @@ def _as_sitk(volume: ImageVolume) -> sitk.Image:
 
 def resample_onto(volume: ImageVolume, reference: ImageVolume, *, linear: bool = True) -> ImageVolume:
     """Resample ``volume`` onto the grid of ``reference`` (patient coordinates)."""
-    moving = _as_sitk(volume)
-    ref = _as_sitk(reference)
+    moving = as_sitk(volume)
+    ref = as_sitk(reference)
     interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
     out = sitk.Resample(moving, ref, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
     return reference.with_voxels(sitk.GetArrayFromImage(out).astype(np.float32))

@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from service.domain import DiffusionStudy, ImageVolume
+from service.intake.study import as_sitk
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +104,13 @@ def dwi_median_adc_fixed_v1(study: DiffusionStudy, options: ProfileOptions) -> t
 
 # -- noh-n4-histpeak-v1 --------------------------------------------------------------
 
-def _as_sitk(volume: ImageVolume, voxels: Array | None = None) -> sitk.Image:
-    image = sitk.GetImageFromArray(volume.voxels if voxels is None else voxels)
-    image.SetSpacing((volume.pixel_spacing[1], volume.pixel_spacing[0], volume.slice_spacing))
-    image.SetOrigin(volume.origin)
-    direction = np.column_stack([volume.row_cosine, volume.column_cosine, volume.slice_cosine])
-    image.SetDirection(tuple(float(v) for v in direction.ravel()))
-    return image
-
-
 def brain_mask(dwi: ImageVolume, *, blur_mm: float = 2.0, erode_voxels: int = 1) -> npt.NDArray[np.bool_]:
     """Gaussian blur + Otsu on the high-b DWI, largest component, holes filled, eroded.
 
     ``sitk.OtsuThreshold(img)`` labels the *background* 1; passing
     (inside=0, outside=1) gives 1 above the threshold, i.e. the head.
     """
-    image = sitk.Cast(_as_sitk(dwi), sitk.sitkFloat32)
+    image = sitk.Cast(as_sitk(dwi), sitk.sitkFloat32)
     blurred = sitk.SmoothingRecursiveGaussian(image, blur_mm)
     head = sitk.GetArrayFromImage(sitk.OtsuThreshold(blurred, 0, 1, 200)).astype(bool)
     labels, n = ndimage.label(head)
@@ -145,8 +137,8 @@ def n4_correct(dwi: ImageVolume, mask: npt.NDArray[np.bool_], *, iterations: int
     [4,4,1] for 256x256x30 on 2 cores); thick slices are not shrunk in z.
     N4 works in log space, so the image is offset to be >= 1.
     """
-    image = sitk.Cast(_as_sitk(dwi, (np.maximum(dwi.voxels, 0) + 1.0).astype(np.float32)), sitk.sitkFloat32)
-    mask_image = sitk.Cast(_as_sitk(dwi, mask.astype(np.float32)), sitk.sitkUInt8)
+    image = sitk.Cast(as_sitk(dwi, (np.maximum(dwi.voxels, 0) + 1.0).astype(np.float32)), sitk.sitkFloat32)
+    mask_image = sitk.Cast(as_sitk(dwi, mask.astype(np.float32)), sitk.sitkUInt8)
     small = sitk.Shrink(image, list(shrink))
     small_mask = sitk.Shrink(mask_image, list(shrink))
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
