@@ -45,12 +45,23 @@ def load_checkpoint(path: Path) -> UNet2D:
     return net.eval()
 
 
-def export_onnx(
-    net: torch.nn.Module, path: Path, *, matrix: tuple[int, int] = (128, 128), opset: int = OPSET
+def write_onnx(
+    wrapped: torch.nn.Module,
+    path: Path,
+    *,
+    matrix: tuple[int, int],
+    opset: int = OPSET,
+    example_slices: int = 2,
+    required_op: str | None = None,
 ) -> None:
-    """Write ``net`` (logits) as an ONNX graph returning probabilities."""
-    wrapped = SigmoidHead(net).eval()
-    example = torch.zeros(2, 2, *matrix)
+    """Trace ``wrapped`` ((slices, 2, H, W) -> probabilities) to ONNX with a dynamic slice axis.
+
+    ``required_op`` guards against an exporter silently unrolling a loop: the
+    file is removed and RuntimeError raised when the graph lacks that node.
+    """
+    import onnx
+
+    example = torch.zeros(example_slices, 2, *matrix)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation notice
@@ -65,12 +76,20 @@ def export_onnx(
             opset_version=opset,
             do_constant_folding=True,
         )
-    import onnx
-
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
+    if required_op and not any(n.op_type == required_op for n in model.graph.node):
+        path.unlink()
+        raise RuntimeError(f"exported graph has no {required_op} node (the slice loop was unrolled)")
     model.producer_name = "strokeseg"
     onnx.save(model, str(path))
+
+
+def export_onnx(
+    net: torch.nn.Module, path: Path, *, matrix: tuple[int, int] = (128, 128), opset: int = OPSET
+) -> None:
+    """Write ``net`` (logits) as an ONNX graph returning probabilities."""
+    write_onnx(SigmoidHead(net).eval(), path, matrix=matrix, opset=opset)
 
 
 def check_parity(

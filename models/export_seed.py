@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ from models.architectures.res_convlstm_unet import (
     script_recurrences,
 )
 from models.architectures.unet2d import SigmoidHead, count_parameters
-from models.export import INPUT_NAME, OPSET, OUTPUT_NAME, PARITY_TOLERANCE, check_parity
+from models.export import OPSET, PARITY_TOLERANCE, check_parity, write_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -77,31 +76,14 @@ def export_seed_onnx(
     net: nn.Module, path: Path, *, matrix: tuple[int, int] = (224, 224), opset: int = OPSET
 ) -> None:
     """Write ``net`` (a seed architecture, logits) as an ONNX graph returning probabilities."""
-    import onnx
-
-    wrapped = _exportable(net)
-    example = torch.zeros(_EXAMPLE_SLICES, 2, *matrix)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript exporter deprecation notice
-        torch.onnx.export(
-            wrapped,
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "slices"}, OUTPUT_NAME: {0: "slices"}},
-            opset_version=opset,
-            do_constant_folding=True,
-        )
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-    if isinstance(net, ResConvLSTMUNet) and not any(n.op_type == "Loop" for n in model.graph.node):
-        path.unlink()
-        raise RuntimeError("ConvLSTM exported without an ONNX Loop: slice loop was unrolled")
-    model.producer_name = "strokeseg"
-    onnx.save(model, str(path))
+    write_onnx(
+        _exportable(net),
+        path,
+        matrix=matrix,
+        opset=opset,
+        example_slices=_EXAMPLE_SLICES,
+        required_op="Loop" if isinstance(net, ResConvLSTMUNet) else None,
+    )
 
 
 def export_and_verify(
