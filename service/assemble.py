@@ -10,6 +10,14 @@ the idle timeout.  The database decides, not the broker: at
 start-up every queued job is dispatched again (its message may have been
 lost) and stale running jobs are re-queued, so a restart loses nothing.
 Dispatching twice is harmless: workers claim jobs with a compare-and-set.
+
+The same loop flags Storage Commitment requests that got no report
+(``delivery.commitment_timeout_s``), and, on a thread of its own because it
+does network I/O, runs the commitment follow-up
+(:class:`service.deliver.followup.CommitmentFollowUp`): re-send and
+re-request what a PACS reported failed or never answered, a bounded number
+of times.  Both read their work from the database, so they too carry on
+after a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +89,8 @@ class StudyAssembler:
         early_completion_grace_s: float | None = None,
         commitments: CommitmentStore | None = None,
         commitment_timeout_s: float = 300.0,
+        follow_up: Callable[[], Any] | None = None,
+        follow_up_poll_s: float = 1.0,
     ) -> None:
         self.store = store
         self.dispatch = dispatch
@@ -89,8 +100,11 @@ class StudyAssembler:
         self.early_completion_grace_s = early_completion_grace_s
         self.commitments = commitments
         self.commitment_timeout_s = commitment_timeout_s
+        self.follow_up = follow_up
+        self.follow_up_poll_s = follow_up_poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._follow_up_thread: threading.Thread | None = None
 
     def recover(self) -> list[int]:
         """Re-dispatch queued jobs and re-queue stale running ones (called at start)."""
@@ -141,12 +155,29 @@ class StudyAssembler:
             except Exception:
                 log.exception("study assembler tick failed; retrying")
 
+    def _run_follow_up(self) -> None:
+        assert self.follow_up is not None
+        while not self._stop.wait(self.follow_up_poll_s):
+            try:
+                self.follow_up()
+            except Exception:
+                log.exception("storage commitment follow-up failed; retrying")
+
     def start(self) -> None:
         self.recover()
         self._thread = threading.Thread(target=self._run, name="study-assembler", daemon=True)
         self._thread.start()
+        if self.follow_up is not None:
+            self._follow_up_thread = threading.Thread(
+                target=self._run_follow_up, name="commitment-follow-up", daemon=True
+            )
+            self._follow_up_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._follow_up_thread is not None:
+            # A follow-up in flight finishes its association (bounded by its timeouts);
+            # whatever it did not get to is still in the database for the next start.
+            self._follow_up_thread.join(timeout=15)

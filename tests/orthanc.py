@@ -73,15 +73,19 @@ class Orthanc:
         scu_timeout_s: int = 10,
         start_timeout_s: float = 30.0,
         verbose: bool = False,
+        lua: str = "",
     ) -> None:
         """Ports 0 (the default) are picked free at each start; give fixed ones to
-        e.g. configure a destination before its PACS is up ("down, then up")."""
+        e.g. configure a destination before its PACS is up ("down, then up").
+        ``lua`` is a Lua script Orthanc runs (``LuaScripts``), e.g. an
+        ``OnStoredInstance`` callback that misbehaves on purpose."""
         self.workdir = workdir
         self.modalities = list(modalities)
         self.ae_title = ae_title
         self.scu_timeout_s = scu_timeout_s
         self.start_timeout_s = start_timeout_s
         self.verbose = verbose
+        self.lua = lua
         self.fixed_ports = (http_port, dicom_port)
         self.http_port = http_port
         self.dicom_port = dicom_port
@@ -115,6 +119,10 @@ class Orthanc:
             "OverwriteInstances": True,
             "StorageCompression": False,
         }
+        if self.lua:
+            script = self.workdir / "script.lua"
+            script.write_text(self.lua)
+            config["LuaScripts"] = [str(script)]
         (cfg_dir / "orthanc.json").write_text(json.dumps(config, indent=2))
         return cfg_dir
 
@@ -183,6 +191,29 @@ class Orthanc:
         request = urllib.request.Request(self.url + path, data=data, method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
+
+    def delete(self, path: str) -> None:
+        request = urllib.request.Request(self.url + path, method="DELETE")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+
+    def orthanc_id(self, sop_instance_uid: str) -> str | None:
+        """Orthanc's own id of the instance with this SOP Instance UID (None: not stored)."""
+        matches = self.post("/tools/lookup", sop_instance_uid.encode())
+        return next((str(m["ID"]) for m in matches if m.get("Type") == "Instance"), None)
+
+    def delete_instance(self, sop_instance_uid: str) -> None:
+        """Delete a stored instance through the REST API (``DELETE /instances/{id}``)."""
+        orthanc_id = self.orthanc_id(sop_instance_uid)
+        assert orthanc_id is not None, f"Orthanc does not have {sop_instance_uid}"
+        self.delete(f"/instances/{orthanc_id}")
+
+    def instance_file(self, sop_instance_uid: str) -> bytes:
+        """The DICOM file Orthanc stores for this SOP Instance UID."""
+        orthanc_id = self.orthanc_id(sop_instance_uid)
+        assert orthanc_id is not None, f"Orthanc does not have {sop_instance_uid}"
+        with urllib.request.urlopen(f"{self.url}/instances/{orthanc_id}/file", timeout=30) as response:
+            return bytes(response.read())
 
     def sop_instance_uids(self) -> set[str]:
         """SOP Instance UIDs of every instance Orthanc has stored (``/instances?expand``)."""

@@ -23,6 +23,7 @@ import pytest
 from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
+from scipy import ndimage
 
 from service.derive import (
     CORE_VOLUME_CUTOFFS_ML,
@@ -693,6 +694,151 @@ def test_adc_core_volume_counts_brain_voxels_below_620_only() -> None:
     assert again.adc_core_volume_ml == findings.adc_core_volume_ml
 
 
+def _core_geometry(n_slices: int = 10) -> GridGeometry:
+    """An axial grid of 1 x 1 x 5 mm voxels (0.005 mL), like a thin-pixel DWI."""
+    return GridGeometry(
+        slice_origins=np.array([[0.0, 0.0, 5.0 * k] for k in range(n_slices)]),
+        row_cosine=(1.0, 0.0, 0.0),
+        column_cosine=(0.0, 1.0, 0.0),
+        pixel_spacing=(1.0, 1.0),
+        slice_spacing=5.0,
+    )
+
+
+def _grown(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``mask`` grown by one voxel in every direction (26-neighbourhood)."""
+    grown: npt.NDArray[np.bool_] = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), bool))
+    return grown
+
+
+def _scattered(shape: tuple[int, int, int], keep_away: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Single voxels 2 slices and 3 rows/columns apart: none touches another, even at a
+    corner, nor ``keep_away``."""
+    voxels = np.zeros(shape, bool)
+    voxels[::2, ::3, ::3] = True
+    voxels &= ~_grown(keep_away)
+    return voxels
+
+
+def test_adc_core_is_a_2_ml_block_not_the_noise_voxels_around_it() -> None:
+    geometry = _core_geometry()
+    shape = (10, 64, 64)
+    mask = np.zeros(shape, bool)
+    probability = np.zeros(shape, np.float32)
+    adc = np.random.default_rng(5).normal(800.0, 40.0, shape).clip(700.0, 900.0)
+    brain = np.zeros(shape, bool)
+    brain[:, 4:60, 4:60] = True
+    adc[~brain] = 0.0  # zero-filled background around the head
+    block = np.zeros(shape, bool)
+    block[2:6, 20:30, 20:30] = True  # 4 x 10 x 10 = 400 voxels x 0.005 mL = 2.0 mL
+    adc[block] = 450.0
+    noise = _scattered(shape, block) & brain
+    adc[noise] = 400.0  # each its own one-voxel "cluster"
+    noise_ml = int(noise.sum()) * geometry.voxel_volume_ml
+    assert noise_ml > 1.0  # what the noise added before clusters were required
+
+    findings = compute_lesion_findings(mask, probability, adc, brain, geometry)
+    assert findings.core_min_cluster_ml == 0.3
+    assert findings.adc_core_volume_ml == pytest.approx(2.0)
+    unfiltered = compute_lesion_findings(
+        mask, probability, adc, brain, geometry, core_min_cluster_ml=0.0
+    )
+    assert unfiltered.adc_core_volume_ml == pytest.approx(2.0 + noise_ml)
+
+
+def test_adc_core_cluster_size_and_6_connectivity() -> None:
+    geometry = _core_geometry()
+    shape = (10, 64, 64)
+    mask = np.zeros(shape, bool)
+    probability = np.zeros(shape, np.float32)
+    brain = np.ones(shape, bool)
+    adc = np.full(shape, 800.0)
+    adc[1, 5:9, 5:20] = 500.0  # 4 x 15 = 60 voxels = 0.3 mL: exactly the minimum, counts
+    adc[3:5, 5:9, 30:40] = 500.0  # 2 x 4 x 10 = 80 voxels = 0.4 mL: counts
+    adc[6, 5:10, 5:15] = 500.0  # 50 voxels = 0.25 mL: too small
+    # 80 voxels (0.4 mL) touching only at edges and corners: 80 one-voxel clusters
+    # (with 26-connectivity they would be one 0.4 mL cluster and count)
+    for i in range(40):
+        adc[8, 20 + i, 10 + i] = 300.0  # diagonal in-plane: edge contact only
+        adc[9, 20 + i, 11 + i] = 300.0  # next slice, shifted: edge contact with the one above
+    findings = compute_lesion_findings(mask, probability, adc, brain, geometry)
+    assert findings.adc_core_volume_ml == pytest.approx(0.3 + 0.4)
+    assert compute_lesion_findings(
+        mask, probability, adc, brain, geometry, core_min_cluster_ml=0.0
+    ).adc_core_volume_ml == pytest.approx(0.3 + 0.4 + 0.25 + 0.4)
+    with pytest.raises(ValueError, match="core_min_cluster_ml"):
+        compute_lesion_findings(mask, probability, adc, brain, geometry, core_min_cluster_ml=-1)
+
+
+def test_adc_core_is_restricted_to_the_brain_mask() -> None:
+    geometry = _core_geometry()
+    shape = (10, 64, 64)
+    mask = np.zeros(shape, bool)
+    probability = np.zeros(shape, np.float32)
+    adc = np.full(shape, 800.0)
+    brain = np.zeros(shape, bool)
+    brain[:, 8:56, 8:56] = True
+    adc[:, :4, :] = 0.0  # zero-filled background
+    adc[:, 4:8, :] = 300.0  # low "ADC" in a 4-voxel rim of skull/scalp: 10 x 4 x 64 = 12.8 mL
+    adc[:, 30:34, 30:34] = 3000.0  # ventricle CSF: inside the mask, far above the threshold
+    adc[3:5, 20:30, 20:30] = 500.0  # 200 voxels = 1.0 mL of real core
+    findings = compute_lesion_findings(mask, probability, adc, brain, geometry)
+    assert findings.adc_core_volume_ml == pytest.approx(1.0)
+    # the mask is what keeps the rim out: a mask that leaks into it counts it
+    leaky = brain.copy()
+    leaky[:, 4:8, :] = True
+    assert compute_lesion_findings(
+        mask, probability, adc, leaky, geometry
+    ).adc_core_volume_ml == pytest.approx(1.0 + 12.8)
+
+
+@pytest.mark.parametrize(
+    ("core_ml", "expected_below"),
+    [
+        (2.0, {21.0: True, 31.0: True, 51.0: True, 70.0: True}),
+        (25.0, {21.0: False, 31.0: True, 51.0: True, 70.0: True}),
+        (60.0, {21.0: False, 31.0: False, 51.0: False, 70.0: True}),
+    ],
+)
+def test_core_volume_flags_in_the_sr_follow_the_core_not_the_noise(
+    core_ml: float, expected_below: dict[float, bool], headers: list[Dataset], tmp_path: Path
+) -> None:
+    """A core block plus > 21 mL of scattered noise voxels: the SR's flags follow the block."""
+    shape = (N_SLICES, ROWS, COLUMNS)
+    geometry = grid_geometry(headers)  # 3.5 x 3.5 x 5.5 mm: 0.067 mL voxels
+    mask = np.zeros(shape, bool)
+    probability = np.zeros(shape, np.float32)
+    adc = np.full(shape, 800.0)
+    brain = np.ones(shape, bool)
+    block = np.zeros(shape, bool)
+    n_core = round(core_ml / geometry.voxel_volume_ml)
+    block.reshape(-1)[:n_core] = True  # raster order from the first voxel: one cluster
+    adc[block] = 450.0
+    noise = _scattered(shape, block)
+    adc[noise] = 400.0
+    noise_ml = int(noise.sum()) * geometry.voxel_volume_ml
+    assert noise_ml > 21.0  # enough to flip the 21 mL comparison if it counted
+    core = n_core * geometry.voxel_volume_ml
+    assert core == pytest.approx(core_ml, abs=0.05)
+
+    findings = compute_lesion_findings(mask, probability, adc, brain, geometry)
+    assert findings.adc_core_volume_ml == pytest.approx(core)
+    seg = build_lesion_seg(headers, mask, algorithm=PROFILED)
+    sr = build_volume_report(
+        seg, headers, 0.0, algorithm=PROFILED, findings=findings,
+        core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
+    )
+    got = read_lesion_findings(_dcmread_strict(_save(sr, tmp_path / "sr.dcm")))
+    assert got.adc_core_volume_ml == pytest.approx(core)
+    assert got.core_volume_below == expected_below
+    # without the cluster rule the noise would have moved the flags
+    unfiltered = compute_lesion_findings(
+        mask, probability, adc, brain, geometry, core_min_cluster_ml=0.0
+    )
+    assert unfiltered.adc_core_volume_ml == pytest.approx(core + noise_ml)
+    assert {c.cutoff_ml: c.below for c in unfiltered.core_volume_comparisons()}[21.0] is False
+
+
 def test_core_volume_comparison_is_strictly_below() -> None:
     mask = np.zeros((6, 12, 12), bool)
     probability, adc, brain = _arrays()
@@ -813,10 +959,15 @@ def test_sr_with_findings_round_trip(headers: list[Dataset], tmp_path: Path) -> 
     assert got.mean_probability == pytest.approx(0.95, abs=1e-6)
     assert got.borderline_fraction == pytest.approx(8 / (271 + 8))
     assert got.input_quality == "scanner ADC; no issues"
-    assert got.adc_core_volume_ml == pytest.approx(241 * voxel_ml)  # large + small lesion
+    # the large lesion; the one-voxel small lesion (0.07 mL) is below the 0.3 mL cluster minimum
+    assert got.adc_core_volume_ml == pytest.approx(240 * voxel_ml)
     assert got.core_volume_below == {21.0: True, 31.0: True, 51.0: True, 70.0: True}
     assert any("not treatment advice" in c and "DEFUSE-3" in c for c in got.comments)
-    assert any(c.startswith("Voxel count of ADC below 620 um2/s") for c in got.comments)
+    assert any(
+        c.startswith("Volume of ADC below 620 um2/s inside the brain mask")
+        and "clusters of at least 0.3 mL (6-connected voxels)" in c
+        for c in got.comments
+    )
     assert (got.algorithm_name, got.algorithm_version) == ("strokeseg-unet", "1.2.0")
     assert got.algorithm_parameters == (
         "threshold=0.5",

@@ -2,8 +2,11 @@
 
 Covers the embedded deployment (``strokeseg serve``: SQLite + SQLite broker),
 restart without loss, refusal of non-diffusion input, a destination that is
-down then retried, and the split deployment (``strokeseg scp`` + ``strokeseg
-worker``) on the machine's real Redis and PostgreSQL.
+down then retried, the split deployment (``strokeseg scp`` + ``strokeseg
+worker``) on the machine's real Redis and PostgreSQL, and a real Orthanc with
+Storage Commitment: SEG, SR and overlays stored, committed and valid
+(dciodvfy) as Orthanc holds them, and a SEG that Orthanc loses re-sent and
+committed by the follow-up after a restart.
 """
 
 from __future__ import annotations
@@ -294,14 +297,99 @@ def test_serve_delivers_to_orthanc_with_storage_commitment(
                 ],
                 30, "the commitment report from Orthanc",
             )
+            delivery = {line[0]: line[7] for line in _job_lines(config)}[job[0]]
         assert rows[0][1] == job[0] and rows[0][2] == "orthanc"
         assert int(rows[0][4]) == int(rows[0][5]) >= 3  # every object committed: SEG, SR, overlays
+        n = int(rows[0][4])
+        # what an operator sees: stored and confirmed by the PACS
+        assert delivery == f"orthanc: stored {n}/{n}, committed {n}/{n}"
         in_pacs = pacs.sop_instance_uids()
         result_files = list((tmp_path / "spool" / "results" / job[0]).glob("*.dcm"))
-        assert result_files
+        assert len(result_files) == n
         assert {p.name.split("_")[0] for p in result_files} == {"SEG", "SR", "OVERLAY"}
         for path in result_files:
-            assert str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) in in_pacs
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert uid in in_pacs
+            # the object as the PACS holds it passes dciodvfy
+            held = tmp_path / "from-orthanc" / path.name
+            held.parent.mkdir(exist_ok=True)
+            held.write_bytes(pacs.instance_file(uid))
+            assert dciodvfy_errors(held) == [], path.name
+
+
+#: Orthanc deletes the first SEG it stores, right after storing it: the PACS "loses" an
+#: object it acknowledged, so the commitment request that follows finds it missing.
+LOSE_FIRST_SEG = """
+lost = false
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if not lost and tags['Modality'] == 'SEG' then
+    lost = true
+    RestApiDelete('/instances/' .. instanceId)
+  end
+end
+"""
+
+
+def test_serve_resends_what_orthanc_lost_and_it_ends_committed_after_a_restart(
+    tmp_path: Path, phantom_cases: list[Path]
+) -> None:
+    """Orthanc reports the SEG missing (0x0112); after a restart the follow-up re-sends it
+    (same SOP Instance UID), re-requests commitment and the job ends committed."""
+    case = phantom_cases[0]
+    study_uid = json.loads((case / "truth" / "truth.json").read_text())["study_instance_uid"]
+    port = free_port()
+    with Orthanc(tmp_path / "orthanc", modalities=[Modality("strokeseg", "STROKESEG", port)],
+                 lua=LOSE_FIRST_SEG) as pacs:
+        destination = {
+            **pacs.destination(), "name": "orthanc", "storage_commitment": True,
+            "send": ["SEG", "SR", "OVERLAY"],
+        }
+
+        def config(retry_initial_s: float) -> Path:
+            return write_config(
+                tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+                destinations=[destination], completion_timeout_s=1.0,
+                delivery={"retry_initial_s": retry_initial_s, "commitment_max_attempts": 3},
+            )
+
+        # First run: no follow-up is due yet (retry_initial_s is an hour).
+        first = config(3600)
+        with Strokeseg("serve", first, log=tmp_path / "serve1.log") as serve:
+            wait_for(lambda: echo_ok(port), 60, "serve to start")
+            storescu(port, case / "dicom")
+            job = wait_for(
+                lambda: [line for line in _job_lines(first) if line[5] == study_uid and line[1] == "delivered"
+                         and "orthanc: stored" in line[7] and "waiting for the report" not in line[7]],
+                180, "the job delivered and Orthanc's commitment report",
+            )[0]
+            assert serve.stop() == 0, serve.output()
+        # (Orthanc's Lua callback runs just after the SEG is stored, well before our N-ACTION.)
+        assert "0x0112" in job[7], f"Orthanc did not report the SEG missing: {job[7]}"
+        seg_file = next((tmp_path / "spool" / "results" / job[0]).glob("SEG_*.dcm"))
+        seg_uid = str(pydicom.dcmread(seg_file, stop_before_pixels=True).SOPInstanceUID)
+        assert not pacs.has_instance(seg_uid)
+        assert "commitment pending" in job[7] and "0x0112 no such object instance; re-request due" in job[7]
+
+        # Restart: the follow-up, read from the database, re-sends and re-requests.
+        second = config(1)
+        with Strokeseg("serve", second, log=tmp_path / "serve2.log"):
+            wait_for(lambda: echo_ok(port), 60, "serve to restart")
+            restarted = time.monotonic()
+            line = wait_for(
+                lambda: [x for x in _job_lines(second) if x[0] == job[0] and ", committed " in x[7]],
+                60, "the re-sent SEG to be committed",
+            )[0]
+            recovery_s = time.monotonic() - restarted
+        n = len(list((tmp_path / "spool" / "results" / job[0]).glob("*.dcm")))
+        assert line[7] == f"orthanc: stored {n}/{n}, committed {n}/{n}"
+        assert pacs.has_instance(seg_uid)  # the same SOP Instance UID is back in the PACS
+        rows = [x.split("\t") for x in run_cli(second, "commitments").stdout.splitlines()[1:]]
+        by_attempt = {int(r[8]): r for r in rows if r[1] == job[0]}
+        assert sorted(by_attempt) == [1, 2]
+        assert by_attempt[1][3] == "partially_failed"
+        assert by_attempt[1][9].startswith("re-requested: ") and by_attempt[2][0] in by_attempt[1][9]
+        assert (by_attempt[2][3], by_attempt[2][4], by_attempt[2][5]) == ("committed", "1", "1")
+        print(f"\nserve restarted -> lost SEG re-sent, re-requested and committed in {recovery_s:.1f} s")
 
 
 def test_pacs_down_then_up_is_retried_automatically_and_committed(

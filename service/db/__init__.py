@@ -1,6 +1,13 @@
 """Job database: SQLAlchemy models, migrations (alembic) and the JobStore."""
 
 from service.db.session import Database, upgrade_schema
-from service.db.store import InstanceSignature, JobStore, JobSummary
+from service.db.store import DestinationDelivery, InstanceSignature, JobStore, JobSummary
 
-__all__ = ["Database", "InstanceSignature", "JobStore", "JobSummary", "upgrade_schema"]
+__all__ = [
+    "Database",
+    "DestinationDelivery",
+    "InstanceSignature",
+    "JobStore",
+    "JobSummary",
+    "upgrade_schema",
+]

@@ -14,7 +14,14 @@ request and its answer meet:
   ``partially_failed`` or ``failed``;
 * a periodic sweep (:meth:`CommitmentStore.flag_timed_out`) marks transactions
   that never got a report ``timed_out``; a late report still counts;
-* :meth:`CommitmentStore.instances_to_resend` is what a retry policy reads.
+* a transaction that ended ``failed``, ``partially_failed`` or ``timed_out``
+  is *followed up* exactly once (:class:`FollowUp`, a compare-and-set on the
+  row): re-requested as a new transaction with ``attempt + 1`` and
+  ``retry_of`` pointing back, holding the instances
+  :meth:`CommitmentStore.instances_to_resend` lists for it; or, when the
+  attempts are used up or nothing can be re-sent, closed ``gave_up`` with the
+  reason (or ``superseded`` when a later request already covers its
+  instances).  :mod:`service.deliver.followup` is the policy that does this.
 
 Everything survives a restart because nothing about a transaction lives only
 in memory.
@@ -74,6 +81,23 @@ class CommitmentState(enum.StrEnum):
         )
 
 
+class FollowUp(enum.StrEnum):
+    """What was done about a transaction that did not commit everything.
+
+    ``none`` (the empty string) until the follow-up policy has looked at it;
+    each transaction is followed up at most once, so attempts form a chain
+    (``retry_of``) and are bounded by the chain's length.
+    """
+
+    NONE = ""
+    #: A newer transaction (attempt + 1) re-requests its uncommitted instances.
+    REREQUESTED = "re-requested"
+    #: Final: attempts used up, or its instances cannot be re-sent (reason in follow_up_detail).
+    GAVE_UP = "gave_up"
+    #: A later request for the same instances (e.g. ``strokeseg retry``) made it moot.
+    SUPERSEDED = "superseded"
+
+
 class InstanceCommitState(enum.StrEnum):
     """Per-instance state inside one transaction."""
 
@@ -119,6 +143,12 @@ class CommitmentTransaction(Base):
     action_status: Mapped[int | None] = mapped_column(Integer)
     reported_by: Mapped[str] = mapped_column(String(16), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+    # 1 for the request made after delivery; n + 1 for a re-request of attempt n.
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    retry_of: Mapped[str | None] = mapped_column(UID, index=True)
+    follow_up: Mapped[str] = mapped_column(String(16), default="", server_default="", index=True)
+    follow_up_at: Mapped[datetime | None] = mapped_column(DateTime())
+    follow_up_detail: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     instances: Mapped[list[CommitmentInstance]] = relationship(
         back_populates="transaction",
@@ -193,6 +223,24 @@ class CommitmentSummary:
     reported_by: str
     detail: str
     instances: tuple[InstanceCommitment, ...]
+    attempt: int = 1
+    retry_of: str | None = None
+    follow_up: FollowUp = FollowUp.NONE
+    follow_up_at: datetime | None = None
+    follow_up_detail: str = ""
+
+    @property
+    def failure_summary(self) -> str:
+        """Why this transaction did not commit everything, in operator words ('' if it did)."""
+        if self.state is CommitmentState.TIMED_OUT:
+            return self.detail or "no N-EVENT-REPORT"
+        failed = [i for i in self.instances if i.state is InstanceCommitState.FAILED]
+        if not failed:
+            return ""
+        if self.reported_at is None:  # the N-ACTION was refused or could not be sent
+            return self.detail or "commitment request not accepted"
+        reasons = sorted({i.failure_reason_text for i in failed})
+        return f"{len(failed)} of {len(self.instances)} instance(s) failed: " + ", ".join(reasons)
 
     @property
     def report_latency_s(self) -> float | None:
@@ -248,6 +296,11 @@ def _summary(txn: CommitmentTransaction) -> CommitmentSummary:
         action_status=txn.action_status,
         reported_by=txn.reported_by,
         detail=txn.detail,
+        attempt=txn.attempt,
+        retry_of=txn.retry_of,
+        follow_up=FollowUp(txn.follow_up),
+        follow_up_at=txn.follow_up_at,
+        follow_up_detail=txn.follow_up_detail,
         instances=tuple(
             InstanceCommitment(
                 sop_class_uid=i.sop_class_uid,
@@ -261,12 +314,112 @@ def _summary(txn: CommitmentTransaction) -> CommitmentSummary:
     )
 
 
+def _open_state(txns: Sequence[CommitmentTransaction]) -> tuple[DestinationState, str]:
+    """State and reason of a destination from the transactions holding its uncommitted instances."""
+    summaries = [_summary(t) for t in sorted(txns, key=lambda t: t.requested_at)]
+    final = [t for t in summaries if t.follow_up is FollowUp.GAVE_UP and t.state in FOLLOW_UP_STATES]
+    if final:
+        return DestinationState.FAILED, "; ".join(t.follow_up_detail for t in final)
+    reasons = []
+    for t in summaries:
+        if t.state is CommitmentState.REQUESTED:
+            reasons.append(f"waiting for the report to attempt {t.attempt}")
+        elif t.state in FOLLOW_UP_STATES:
+            reasons.append(f"attempt {t.attempt}: {t.failure_summary}; re-request due")
+    return DestinationState.PENDING, "; ".join(reasons)
+
+
 def _outcome_state(committed: int, failed: int) -> CommitmentState:
     if failed == 0:
         return CommitmentState.COMMITTED
     if committed == 0:
         return CommitmentState.FAILED
     return CommitmentState.PARTIALLY_FAILED
+
+
+def _new_transaction(
+    transaction_uid: str,
+    instances: Sequence[SOPInstanceRef],
+    *,
+    job_id: int | None,
+    destination: str,
+    destination_ae_title: str,
+    calling_ae_title: str,
+    attempt: int = 1,
+    retry_of: str | None = None,
+) -> CommitmentTransaction:
+    """A ``requested`` transaction row with a ``pending`` row per instance."""
+    now = utcnow()
+    txn = CommitmentTransaction(
+        transaction_uid=transaction_uid,
+        job_id=job_id,
+        destination=destination,
+        destination_ae_title=destination_ae_title,
+        calling_ae_title=calling_ae_title,
+        state=CommitmentState.REQUESTED.value,
+        requested_at=now,
+        reported_at=None,
+        action_status=None,
+        reported_by="",
+        detail="",
+        attempt=attempt,
+        retry_of=retry_of,
+        follow_up=FollowUp.NONE.value,
+        follow_up_at=None,
+        follow_up_detail="",
+    )
+    for ref in instances:
+        txn.instances.append(
+            CommitmentInstance(
+                sop_class_uid=str(ref.sop_class_uid),
+                sop_instance_uid=str(ref.sop_instance_uid),
+                path=str(getattr(ref, "path", "") or ""),
+                state=InstanceCommitState.PENDING.value,
+                failure_reason=None,
+                updated_at=now,
+            )
+        )
+    return txn
+
+
+#: Transaction states a follow-up acts on (the peer said no, or never answered).
+FOLLOW_UP_STATES = (
+    CommitmentState.FAILED,
+    CommitmentState.PARTIALLY_FAILED,
+    CommitmentState.TIMED_OUT,
+)
+
+
+def follow_up_delay_s(attempt: int, *, initial_s: float, max_interval_s: float) -> float:
+    """Wait after attempt ``attempt`` (1-based) ended before re-requesting: doubling, capped."""
+    return float(min(initial_s * 2 ** max(attempt - 1, 0), max_interval_s))
+
+
+class DestinationState(enum.StrEnum):
+    """Storage commitment of one job's results at one destination, for operators."""
+
+    COMMITTED = "committed"
+    #: Requested, no report yet (or a re-request is due / under way).
+    PENDING = "pending"
+    #: Final: some instance was not committed and no more attempts will be made.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationCommitment:
+    """Where a job's results stand at one destination (latest request per instance)."""
+
+    job_id: int
+    destination: str
+    instances: int
+    committed: int
+    failed: int
+    pending: int
+    #: Highest attempt number so far (1 = no re-request yet).
+    attempts: int
+    state: DestinationState
+    #: Why it is not (yet) committed; '' when committed.
+    reason: str
 
 
 # -- the store -----------------------------------------------------------------------
@@ -297,33 +450,17 @@ class CommitmentStore:
         """
         if not instances:
             raise ValueError("a commitment transaction needs at least one instance")
-        now = utcnow()
         with self.db.session() as s:
-            txn = CommitmentTransaction(
-                transaction_uid=transaction_uid,
-                job_id=job_id,
-                destination=destination,
-                destination_ae_title=destination_ae_title,
-                calling_ae_title=calling_ae_title,
-                state=CommitmentState.REQUESTED.value,
-                requested_at=now,
-                reported_at=None,
-                action_status=None,
-                reported_by="",
-                detail="",
-            )
-            for ref in instances:
-                txn.instances.append(
-                    CommitmentInstance(
-                        sop_class_uid=str(ref.sop_class_uid),
-                        sop_instance_uid=str(ref.sop_instance_uid),
-                        path=str(getattr(ref, "path", "") or ""),
-                        state=InstanceCommitState.PENDING.value,
-                        failure_reason=None,
-                        updated_at=now,
-                    )
+            s.add(
+                _new_transaction(
+                    transaction_uid,
+                    instances,
+                    job_id=job_id,
+                    destination=destination,
+                    destination_ae_title=destination_ae_title,
+                    calling_ae_title=calling_ae_title,
                 )
-            s.add(txn)
+            )
         log.info(
             "storage commitment %s requested from %s for %d instance(s)",
             transaction_uid, destination, len(instances),
@@ -468,6 +605,171 @@ class CommitmentStore:
             )
         return uids
 
+    # -- follow-up (re-send and re-request) -------------------------------------------------
+    def due_follow_ups(
+        self,
+        *,
+        max_attempts: int,
+        retry_initial_s: float,
+        retry_max_interval_s: float,
+        limit: int = 20,
+    ) -> list[CommitmentSummary]:
+        """Transactions that ended without committing everything and need a follow-up now.
+
+        Those still with attempts left are due ``follow_up_delay_s(attempt)``
+        after their report (or their request, when no report came); those whose
+        attempts are used up are due at once, to be closed ``gave_up``.  Oldest
+        first.
+        """
+        now = utcnow()
+        due: list[CommitmentSummary] = []
+        with self.db.session() as s:
+            candidates = s.scalars(
+                select(CommitmentTransaction)
+                .where(
+                    CommitmentTransaction.state.in_([st.value for st in FOLLOW_UP_STATES]),
+                    CommitmentTransaction.follow_up == FollowUp.NONE.value,
+                )
+                .order_by(CommitmentTransaction.requested_at)
+            )
+            for txn in candidates:
+                if txn.attempt < max_attempts:
+                    ended = txn.reported_at or txn.requested_at
+                    wait = follow_up_delay_s(
+                        txn.attempt, initial_s=retry_initial_s, max_interval_s=retry_max_interval_s
+                    )
+                    if now < ended + timedelta(seconds=wait):
+                        continue
+                due.append(_summary(txn))
+                if len(due) >= limit:
+                    break
+        return due
+
+    def begin_follow_up(
+        self,
+        transaction_uid: str,
+        new_transaction_uid: str,
+        instances: Sequence[SOPInstanceRef],
+        *,
+        detail: str,
+    ) -> bool:
+        """Mark ``transaction_uid`` re-requested and record its successor, atomically.
+
+        The successor (``attempt + 1``, ``retry_of`` = ``transaction_uid``, same
+        job, destination and AE titles) is ``requested`` before anything is
+        re-sent, like any request.  A compare-and-set on ``follow_up``: False
+        (and nothing written) when the transaction is unknown or already
+        followed up, so two processes never re-request the same attempt.
+        """
+        if not instances:
+            raise ValueError("a commitment transaction needs at least one instance")
+        with self.db.session() as s:
+            txn = s.get(CommitmentTransaction, transaction_uid, with_for_update=True)
+            if txn is None or txn.follow_up != FollowUp.NONE.value:
+                return False
+            result = s.execute(
+                update(CommitmentTransaction)
+                .where(
+                    CommitmentTransaction.transaction_uid == transaction_uid,
+                    CommitmentTransaction.follow_up == FollowUp.NONE.value,
+                )
+                .values(
+                    follow_up=FollowUp.REREQUESTED.value,
+                    follow_up_at=utcnow(),
+                    follow_up_detail=detail,
+                )
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            s.add(
+                _new_transaction(
+                    new_transaction_uid,
+                    instances,
+                    job_id=txn.job_id,
+                    destination=txn.destination,
+                    destination_ae_title=txn.destination_ae_title,
+                    calling_ae_title=txn.calling_ae_title,
+                    attempt=txn.attempt + 1,
+                    retry_of=transaction_uid,
+                )
+            )
+        log.info(
+            "storage commitment %s re-requested as %s: %s", transaction_uid, new_transaction_uid,
+            detail, extra={"transaction_uid": transaction_uid},
+        )
+        return True
+
+    def close_follow_up(self, transaction_uid: str, outcome: FollowUp, detail: str) -> bool:
+        """Record a follow-up that re-requests nothing (``gave_up``, ``superseded``); CAS as above."""
+        outcome = FollowUp(outcome)
+        if outcome in (FollowUp.NONE, FollowUp.REREQUESTED):
+            raise ValueError(f"close_follow_up records gave_up or superseded, not {outcome.value!r}")
+        with self.db.session() as s:
+            result = s.execute(
+                update(CommitmentTransaction)
+                .where(
+                    CommitmentTransaction.transaction_uid == transaction_uid,
+                    CommitmentTransaction.follow_up == FollowUp.NONE.value,
+                )
+                .values(follow_up=outcome.value, follow_up_at=utcnow(), follow_up_detail=detail)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def destination_states(self, job_ids: Iterable[int]) -> dict[int, list[DestinationCommitment]]:
+        """Per job and destination: committed / pending / failed, from each instance's latest request.
+
+        A failure is final (``failed``) only once its transaction was closed
+        ``gave_up``; until then a re-request is due or under way (``pending``).
+        A late report that commits a given-up transaction makes it ``committed``.
+        """
+        ids = sorted(set(job_ids))
+        if not ids:
+            return {}
+        with self.db.session() as s:
+            rows = s.execute(
+                select(CommitmentInstance, CommitmentTransaction)
+                .join(CommitmentTransaction)
+                .where(CommitmentTransaction.job_id.in_(ids))
+                .order_by(CommitmentInstance.id)
+            ).all()
+            latest: dict[tuple[int, str, str], tuple[CommitmentInstance, CommitmentTransaction]] = {}
+            attempts: dict[tuple[int, str], int] = {}
+            for inst, txn in rows:
+                assert txn.job_id is not None
+                key = (txn.job_id, txn.destination)
+                attempts[key] = max(attempts.get(key, 0), txn.attempt)
+                latest[(txn.job_id, txn.destination, inst.sop_instance_uid)] = (inst, txn)
+            groups: dict[tuple[int, str], list[tuple[CommitmentInstance, CommitmentTransaction]]] = {}
+            for (job_id, destination, _uid), pair in latest.items():
+                groups.setdefault((job_id, destination), []).append(pair)
+            out: dict[int, list[DestinationCommitment]] = {}
+            for (job_id, destination), pairs in sorted(groups.items()):
+                states = [InstanceCommitState(inst.state) for inst, _ in pairs]
+                open_txns = {
+                    txn.transaction_uid: txn
+                    for inst, txn in pairs
+                    if inst.state != InstanceCommitState.COMMITTED.value
+                }
+                committed = states.count(InstanceCommitState.COMMITTED)
+                if not open_txns:
+                    state, reason = DestinationState.COMMITTED, ""
+                else:
+                    state, reason = _open_state(list(open_txns.values()))
+                out.setdefault(job_id, []).append(
+                    DestinationCommitment(
+                        job_id=job_id,
+                        destination=destination,
+                        instances=len(pairs),
+                        committed=committed,
+                        failed=states.count(InstanceCommitState.FAILED),
+                        pending=states.count(InstanceCommitState.PENDING),
+                        attempts=attempts[(job_id, destination)],
+                        state=state,
+                        reason=reason,
+                    )
+                )
+        return out
+
     # -- read -------------------------------------------------------------------------------
     def transaction(self, transaction_uid: str) -> CommitmentSummary | None:
         with self.db.session() as s:
@@ -514,13 +816,19 @@ class CommitmentStore:
         return self.transaction(transaction_uid)
 
     def instances_to_resend(
-        self, *, destination: str | None = None, job_id: int | None = None
+        self,
+        *,
+        destination: str | None = None,
+        job_id: int | None = None,
+        transaction_uid: str | None = None,
     ) -> list[UncommittedInstance]:
         """Instances whose latest request at a destination failed or timed out.
 
         "Latest" is per (destination, SOP Instance UID): an instance that failed
         once and was committed by a later transaction is not listed.  Instances
         of transactions still waiting for a report are not listed either.
+        ``transaction_uid`` narrows the list to that transaction's instances
+        (those it is still the latest request for).
         """
         with self.db.session() as s:
             latest = (
@@ -545,6 +853,8 @@ class CommitmentStore:
                 stmt = stmt.where(CommitmentTransaction.destination == destination)
             if job_id is not None:
                 stmt = stmt.where(CommitmentTransaction.job_id == job_id)
+            if transaction_uid is not None:
+                stmt = stmt.where(CommitmentTransaction.transaction_uid == transaction_uid)
             return [
                 UncommittedInstance(
                     transaction_uid=txn.transaction_uid,

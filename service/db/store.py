@@ -35,6 +35,22 @@ class InstanceSignature:
 
 
 @dataclass(frozen=True, slots=True)
+class DestinationDelivery:
+    """C-STORE state of one job's results at one destination (latest attempt per object)."""
+
+    job_id: int
+    destination: str
+    objects: int
+    stored: int
+    #: Detail of the newest failed C-STORE among the objects not stored ('' if all stored).
+    failure: str
+
+    @property
+    def all_stored(self) -> bool:
+        return self.stored == self.objects
+
+
+@dataclass(frozen=True, slots=True)
 class JobSummary:
     id: int
     study_instance_uid: str
@@ -391,6 +407,41 @@ class JobStore:
                     at=utcnow(),
                 )
             )
+
+    def note(self, job_id: int, reason: str) -> bool:
+        """Append a history entry without changing the job's state (e.g. a commitment re-request)."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return False
+            s.add(JobEvent(job_id=job_id, state=job.state, reason=reason, at=utcnow()))
+        return True
+
+    def delivery_states(self, job_ids: Sequence[int]) -> dict[int, list[DestinationDelivery]]:
+        """Per job and destination: how many result objects are stored, from each object's latest C-STORE."""
+        ids = sorted(set(job_ids))
+        if not ids:
+            return {}
+        with self.db.session() as s:
+            rows = list(
+                s.scalars(select(Delivery).where(Delivery.job_id.in_(ids)).order_by(Delivery.id))
+            )
+        latest: dict[tuple[int, str], dict[str, Delivery]] = {}
+        for row in rows:
+            latest.setdefault((row.job_id, row.destination), {})[row.sop_instance_uid] = row
+        out: dict[int, list[DestinationDelivery]] = {}
+        for (job_id, destination), by_uid in sorted(latest.items()):
+            failed = sorted((d for d in by_uid.values() if d.status != "stored"), key=lambda d: d.id)
+            out.setdefault(job_id, []).append(
+                DestinationDelivery(
+                    job_id=job_id,
+                    destination=destination,
+                    objects=len(by_uid),
+                    stored=len(by_uid) - len(failed),
+                    failure=f"{failed[-1].kind} {failed[-1].detail}" if failed else "",
+                )
+            )
+        return out
 
     # -- read ---------------------------------------------------------------------
     def job(self, job_id: int) -> JobSummary | None:

@@ -17,7 +17,9 @@ report can race back on another association before our N-ACTION returns).
 
 Nothing here raises on network trouble: every outcome comes back as an
 :class:`ActionResult`, because the transaction is already on record and must
-be closed either way; the retry policy reads its state from the database.
+be closed either way; the retry policy (:mod:`service.deliver.followup`:
+re-send and re-request, a bounded number of times) reads its state from the
+database.
 """
 
 from __future__ import annotations

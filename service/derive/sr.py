@@ -43,8 +43,9 @@ definition is in :mod:`service.derive.findings`:
   SCT Small/Medium/Large, cut-offs 1.7 and 14 mL) and its **slice range** as
   TEXT ("InstanceNumber a to b; slice index i to j of n");
 * one TID 1501 group **"ADC core"**: the volume of ADC < 620 um2/s inside
-  the brain mask (finding Infarct, method 99STROKESEG ADCLT620, site Brain),
-  independent of the model's mask; with ``core_volume_cutoffs_ml`` also one
+  the brain mask, in clusters of at least ``derive.core_min_cluster_ml``
+  (finding Infarct, method 99STROKESEG ADCLT620, site Brain; a Comment
+  states the cluster rule), independent of the model's mask; with ``core_volume_cutoffs_ml`` also one
   Yes/No item per cut-off, "ADC core volume below 21 mL (volume comparison
   only)", and a Comment saying that these compare volumes and are not
   treatment advice;
@@ -143,9 +144,14 @@ CORE_VOLUME_DISCLAIMER = (
     "imaging and time, which this device does not assess. This is not treatment advice."
 )
 _CORE_COMMENT = (
-    "Voxel count of ADC below {threshold} um2/s inside the brain mask, independent of the "
-    "lesion segmentation; isolated voxels from noise or partial volume are not removed."
+    "Volume of ADC below {threshold} um2/s inside the brain mask, independent of the "
+    "lesion segmentation; {clusters}"
 )
+_CORE_CLUSTERS = (
+    "only clusters of at least {min_ml} mL (6-connected voxels) count, so isolated voxels "
+    "from noise or partial volume are not core."
+)
+_CORE_NO_CLUSTERS = "every voxel counts; isolated voxels from noise or partial volume are not removed."
 _SIZE_COMMENT = (
     "Size Descriptor per lesion by volume: Small below 1.7 mL, Medium 1.7 to 14 mL, "
     "Large above 14 mL. Lesions are 3-D connected components of the segment "
@@ -328,7 +334,12 @@ def _core_group(
         ]
         or None,
     )
-    comments = [_text(COMMENT, _CORE_COMMENT.format(threshold=threshold))]
+    clusters = (
+        _CORE_CLUSTERS.format(min_ml=f"{findings.core_min_cluster_ml:g}")
+        if findings.core_min_cluster_ml > 0
+        else _CORE_NO_CLUSTERS
+    )
+    comments = [_text(COMMENT, _CORE_COMMENT.format(threshold=threshold, clusters=clusters))]
     if comparisons:
         comments.append(_text(COMMENT, CORE_VOLUME_DISCLAIMER.format(threshold=threshold)))
     _append(group, comments)
