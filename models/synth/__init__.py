@@ -27,3 +27,22 @@ from models.synth.vendors import (  # noqa: E402
 )
 
 __all__ += ["VendorConvention", "csa_header", "vendor_datasets", "write_vendor_study"]
+
+# Scanner domains (vendor A/B/C sites) for cross-vendor experiments.
+from models.synth.cases import write_domain_case  # noqa: E402
+from models.synth.domains import (  # noqa: E402
+    DOMAINS,
+    ScannerDomain,
+    ScannerSettings,
+    get_domain,
+)
+from models.synth.phantom import lesion_plan  # noqa: E402
+
+__all__ += [
+    "DOMAINS",
+    "ScannerDomain",
+    "ScannerSettings",
+    "get_domain",
+    "lesion_plan",
+    "write_domain_case",
+]

@@ -11,6 +11,11 @@ Layout (what tests, training and ``strokeseg phantom`` rely on)::
 i.e. slices sorted ascending along the normal; ``mask[k, r, c]`` is pixel
 (row r, column c) of that image.  This is how ``service.intake`` orders the
 slices of :class:`service.domain.ImageVolume`, whatever the InstanceNumbers.
+
+With a scanner ``domain`` (:mod:`models.synth.domains`) a case is imaged as
+that scanner would and written in its vendor's DICOM convention
+(:func:`models.synth.vendors.write_vendor_study`); truth.json then also holds
+``"domain"``, ``"scanner"`` (the drawn settings) and ``"vendor_convention"``.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.synth.domains import get_domain
 from models.synth.mr_image import write_dicom_files
 from models.synth.phantom import GENERATOR_VERSION, PhantomStudy, generate_phantom
 
@@ -35,16 +42,24 @@ TRUTH_FORMAT_VERSION = 1
 DERIVED_SEED_BASE = 1_000_000
 
 
-def case_seed(seed: int, index: int) -> int:
-    """The phantom seed of case ``index`` of a batch started with ``seed``."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)
+def case_seed(seed: int, index: int, domain: str | None = None) -> int:
+    """The phantom seed of case ``index`` of a batch started with ``seed``.
+
+    With a scanner ``domain`` the seed also depends on the domain, so domain
+    datasets made with the same ``seed`` hold different patients (no lesion
+    seen in training on one domain reappears in a test set of another).
+    """
+    entropy = [int(seed), int(index)]
+    if domain is not None:
+        entropy.append(zlib.crc32(f"strokeseg-domain-{get_domain(domain).name}".encode()))
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
     return DERIVED_SEED_BASE + int(state[0] % np.uint64(2**52))
 
 
 def truth_record(study: PhantomStudy) -> dict[str, Any]:
     """The truth.json content of ``study`` (no patient identifiers beyond the phantom's)."""
     geo = study.geometry
-    return {
+    record: dict[str, Any] = {
         "format_version": TRUTH_FORMAT_VERSION,
         "generator_version": GENERATOR_VERSION,
         "study_instance_uid": study.identity.study_instance_uid,
@@ -80,6 +95,10 @@ def truth_record(study: PhantomStudy) -> dict[str, Any]:
         "field_strength_t": study.acquisition.field_strength_t,
         "noise_sigma": study.noise_sigma,
     }
+    if study.domain is not None:  # default cases keep their truth.json exactly
+        record["domain"] = study.domain
+        record["scanner"] = study.scanner.as_record() if study.scanner is not None else None
+    return record
 
 
 def write_phantom_study(
@@ -97,12 +116,29 @@ def write_phantom_study(
     return out_dir
 
 
-def _write_case(args: tuple[Path, int, int, str]) -> Path:
-    out_dir, index, seed, manufacturer = args
-    study = generate_phantom(
-        case_seed(seed, index), manufacturer=manufacturer, patient_name=f"PHANTOM^CASE{index:04d}"
+def _write_case(args: tuple[Path, int, int, str | None, str | None]) -> Path:
+    out_dir, index, seed, manufacturer, domain = args
+    if domain is None:
+        study = generate_phantom(
+            case_seed(seed, index), manufacturer=manufacturer,
+            patient_name=f"PHANTOM^CASE{index:04d}",
+        )
+        return write_phantom_study(study, out_dir / f"case_{index:04d}")
+    return write_domain_case(
+        out_dir / f"case_{index:04d}", case_seed(seed, index, domain), domain,
+        patient_name=f"PHANTOM^CASE{index:04d}",
     )
-    return write_phantom_study(study, out_dir / f"case_{index:04d}")
+
+
+def write_domain_case(
+    out_dir: Path, seed: int, domain: str, *, patient_name: str | None = None
+) -> Path:
+    """Generate phantom ``seed`` on scanner ``domain`` and write it in that vendor's convention."""
+    from models.synth.vendors import write_vendor_study  # vendors imports this module
+
+    scanner_domain = get_domain(domain)
+    study = generate_phantom(seed, domain=scanner_domain, patient_name=patient_name)
+    return write_vendor_study(study, Path(out_dir), scanner_domain.convention)
 
 
 def write_phantom_cases(
@@ -110,19 +146,34 @@ def write_phantom_cases(
     n_cases: int,
     seed: int,
     *,
-    manufacturer: str = "SIEMENS",
+    manufacturer: str | None = None,
     workers: int = 1,
     skip_existing: bool = False,
+    domain: str | None = None,
 ) -> list[Path]:
     """Write ``n_cases`` cases ``out_dir/case_0000`` ...; case i uses ``case_seed(seed, i)``.
 
     With ``skip_existing`` a case whose truth.json exists is kept as is (a
     cache for training, filled once).  ``workers > 1`` uses processes.
+    ``domain`` ("A", "B", "C", see :mod:`models.synth.domains`) makes every
+    case on that scanner, written in its vendor convention, with case seeds
+    ``case_seed(seed, i, domain)``; ``manufacturer`` then must be unset (or the
+    domain's).  Without it the cases are exactly as before (Siemens by default).
     """
     out_dir = Path(out_dir)
+    if domain is not None:
+        scanner_domain = get_domain(domain)  # unknown names fail before any work
+        if manufacturer is not None and manufacturer != scanner_domain.manufacturer:
+            raise ValueError(
+                f"domain {scanner_domain.name} is {scanner_domain.manufacturer!r}, "
+                f"not {manufacturer!r}"
+            )
+        domain, manufacturer = scanner_domain.name, None
+    elif manufacturer is None:
+        manufacturer = "SIEMENS"
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [
-        (out_dir, i, seed, manufacturer)
+        (out_dir, i, seed, manufacturer, domain)
         for i in range(n_cases)
         if not (skip_existing and (out_dir / f"case_{i:04d}" / "truth" / "truth.json").exists())
     ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 MATRIX_CHOICES: tuple[int, ...] = (128, 160, 192, 256)
+#: Default protocol draws (field of view mm, slice thickness mm, slice count).
+FOV_CHOICES: tuple[float, ...] = (220.0, 230.0, 240.0)
+THICKNESS_CHOICES: tuple[float, ...] = (4.0, 4.5, 5.0)
+SLICE_COUNT_RANGE: tuple[int, int] = (22, 30)
 
 
 def _ds_round(value: float) -> float:
@@ -136,13 +141,28 @@ def random_scan_geometry(
     brain_points_ras: npt.NDArray[np.float64],
     *,
     matrix: int | None = None,
+    matrix_choices: Sequence[int] = MATRIX_CHOICES,
+    fov_choices: Sequence[float] = FOV_CHOICES,
+    thickness_choices: Sequence[float] = THICKNESS_CHOICES,
+    gap_choices: Sequence[float] | None = None,
+    slice_count_range: tuple[int, int] = SLICE_COUNT_RANGE,
 ) -> ScanGeometry:
-    """An axial (possibly slightly oblique) slab covering the brain and cerebellum."""
-    n_matrix = int(matrix if matrix is not None else rng.choice(MATRIX_CHOICES))
-    fov = float(rng.choice([220.0, 230.0, 240.0]))
+    """An axial (possibly slightly oblique) slab covering the brain and cerebellum.
+
+    The keyword choices describe a scanner protocol (see
+    :mod:`models.synth.domains`); their defaults are the mixed-protocol
+    phantom.  Without ``gap_choices`` the slice spacing is one of 5.0, 5.5 or
+    6.0 mm leaving at least a 0.5 mm gap (the default draws, kept bit for bit);
+    with it, spacing = thickness + gap.
+    """
+    n_matrix = int(matrix if matrix is not None else rng.choice(matrix_choices))
+    fov = float(rng.choice(list(fov_choices)))
     pixel = _ds_round(fov / n_matrix)
-    thickness = float(rng.choice([4.0, 4.5, 5.0]))
-    spacing = float(rng.choice([s for s in (5.0, 5.5, 6.0) if s >= thickness + 0.5]))
+    thickness = float(rng.choice(list(thickness_choices)))
+    if gap_choices is None:
+        spacing = float(rng.choice([s for s in (5.0, 5.5, 6.0) if s >= thickness + 0.5]))
+    else:
+        spacing = _ds_round(thickness + float(rng.choice(list(gap_choices))))
 
     # Axial slices, tilted a little about L-R (AC-PC-like) and A-P half of the time.
     tilt = np.zeros(3)
@@ -160,7 +180,7 @@ def random_scan_geometry(
     along = pts @ normal
     lo, hi = float(along.min()), float(along.max())
     needed = int(math.ceil((hi - lo) / spacing)) + 1
-    n_slices = int(np.clip(needed + int(rng.integers(0, 3)), 22, 30))
+    n_slices = int(np.clip(needed + int(rng.integers(0, 3)), *slice_count_range))
     coverage = (n_slices - 1) * spacing
     if coverage >= hi - lo:
         first = lo - (coverage - (hi - lo)) * float(rng.uniform(0.3, 0.7))

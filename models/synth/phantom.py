@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -25,11 +25,16 @@ from models.synth.diffusion import (
     ADC_UNIT,
     B_VALUE,
     TissueParameters,
+    at_echo_time,
     bias_field,
+    kspace_transfer,
     random_tissue_parameters,
     rician,
+    rician_acquired,
     scanner_adc,
+    shine_through_at_echo_time,
 )
+from models.synth.domains import ScannerDomain, ScannerSettings, get_domain
 from models.synth.geometry import Pose, ScanGeometry, random_pose, random_scan_geometry
 from models.synth.lesions import (
     LesionClass,
@@ -118,6 +123,8 @@ class PhantomStudy:
     mask: npt.NDArray[np.bool_]
     b_value: float = B_VALUE
     tissue_fractions: npt.NDArray[np.float32] | None = field(default=None)
+    domain: str | None = None  # scanner domain name (models.synth.domains), None = mixed
+    scanner: ScannerSettings | None = None  # what was drawn from that domain
 
     @property
     def lesion_volume_ml(self) -> float:
@@ -134,16 +141,19 @@ def _uid(seed: int, what: str) -> str:
     return str(generate_uid(entropy_srcs=["strokeseg-phantom", str(seed), what]))
 
 
-def _identity(rng: np.random.Generator, seed: int, patient_name: str | None) -> StudyIdentity:
+def _identity(
+    rng: np.random.Generator, seed: int, patient_name: str | None, uid_salt: str = ""
+) -> StudyIdentity:
+    """Identifiers of the phantom; ``uid_salt`` (a domain) keeps paired studies' UIDs apart."""
     day = np.datetime64("2024-01-01") + np.timedelta64(int(rng.integers(0, 730)), "D")
     age_days = int(rng.integers(40 * 365, 92 * 365))
     birth = day - np.timedelta64(age_days, "D")
     seconds = int(rng.integers(0, 86400))
     return StudyIdentity(
-        study_instance_uid=_uid(seed, "study"),
-        frame_of_reference_uid=_uid(seed, "frame-of-reference"),
-        dwi_series_instance_uid=_uid(seed, "series-dwi"),
-        adc_series_instance_uid=_uid(seed, "series-adc"),
+        study_instance_uid=_uid(seed, uid_salt + "study"),
+        frame_of_reference_uid=_uid(seed, uid_salt + "frame-of-reference"),
+        dwi_series_instance_uid=_uid(seed, uid_salt + "series-dwi"),
+        adc_series_instance_uid=_uid(seed, uid_salt + "series-adc"),
         patient_name=patient_name or f"PHANTOM^CASE{seed % 10000:04d}",
         patient_id=f"PH{seed:08d}"[-16:],
         patient_birth_date=str(birth).replace("-", ""),
@@ -167,6 +177,25 @@ def _acquisition(rng: np.random.Generator, manufacturer: str) -> Acquisition:
         echo_train_length=int(rng.choice([1, 64, 80, 96])),
         pixel_bandwidth_hz=float(round(rng.uniform(900.0, 1500.0), 0)),
         number_of_averages=float(rng.choice([1.0, 2.0, 3.0])),
+        descending_slices=bool(rng.random() < 0.5),
+    )
+
+
+def _domain_acquisition(
+    rng: np.random.Generator, domain: ScannerDomain, scanner: ScannerSettings
+) -> Acquisition:
+    """Header values of a domain case: sequence timing from the drawn settings."""
+    field_strength = scanner.field_strength_t
+    models = _MODELS.get(domain.manufacturer, {1.5: "Phantom 1.5T", 3.0: "Phantom 3T"})
+    return Acquisition(
+        manufacturer=domain.manufacturer,
+        model_name=models[field_strength],
+        field_strength_t=field_strength,
+        echo_time_ms=scanner.echo_time_ms,
+        repetition_time_ms=scanner.repetition_time_ms,
+        echo_train_length=scanner.acquired_matrix // 2,  # single-shot EPI, parallel factor 2
+        pixel_bandwidth_hz=float(round(rng.uniform(900.0, 1500.0), 0)),
+        number_of_averages=scanner.number_of_averages,
         descending_slices=bool(rng.random() < 0.5),
     )
 
@@ -293,37 +322,63 @@ class _Sampler:
 
 
 def _signal_maps(
-    anatomy: Anatomy, params: TissueParameters, lesions: LesionField | None
+    anatomy: Anatomy,
+    params: TissueParameters,
+    lesions: LesionField | None,
+    b_value: float = B_VALUE,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
-    """S0 and S(b) on the lattice, and the lesion fraction inside the lesion box."""
+    """S0 and S(b) on the lattice, and the lesion fraction inside the lesion box.
+
+    ``b_value`` is the *effective* b of the acquisition (a domain's gradient
+    calibration may differ from the nominal 1000 written to the headers).
+    """
     flat = anatomy.tissues.reshape(-1, anatomy.tissues.shape[-1])
     s0 = (flat @ params.signal_weights(0.0)).reshape(anatomy.shape)
-    sb = (flat @ params.signal_weights(B_VALUE)).reshape(anatomy.shape)
+    sb = (flat @ params.signal_weights(b_value)).reshape(anatomy.shape)
     if lesions is None:
         return s0, sb, None
     box = lesions.box
     gm = anatomy.tissues[box + (0,)]
     wm = anatomy.tissues[box + (1,)]
     w0 = params.signal_weights(0.0)
-    wb = params.signal_weights(B_VALUE)
+    wb = params.signal_weights(b_value)
     par_s0 = gm * w0[0] + wm * w0[1]
     par_sb = gm * wb[0] + wm * wb[1]
     occ = lesions.occupancy
     s0[box] += occ * lesions.s0_increase * par_s0
-    lesion_sb = (1.0 + lesions.s0_increase) * par_s0 * np.exp(-B_VALUE * lesions.adc)
+    lesion_sb = (1.0 + lesions.s0_increase) * par_s0 * np.exp(-b_value * lesions.adc)
     sb[box] += occ * (lesion_sb - par_sb)
     fraction = np.ascontiguousarray(occ * anatomy.parenchyma[box], dtype=np.float32)
     return s0, sb, fraction
+
+
+def _seed_sequence(seed: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(seed), 0x57_0E_5E_6])
+
+
+def lesion_plan(
+    seed: int, *, lesion_class: LesionClass | str | None = None
+) -> tuple[LesionClass, tuple[LesionSpec, ...]]:
+    """The size class and lesions :func:`generate_phantom` draws for ``seed``, without imaging.
+
+    Lesions do not depend on the scanner domain, so this is the cheap way to
+    check a dataset's lesion mix (milliseconds per case instead of seconds).
+    """
+    forced_class = LesionClass(lesion_class) if lesion_class is not None else None
+    rng_lesion = np.random.default_rng(_seed_sequence(seed).spawn(5)[1])
+    cls = forced_class if forced_class is not None else choose_lesion_class(rng_lesion)
+    return cls, tuple(plan_lesions(rng_lesion, cls, load_anatomy()))
 
 
 def generate_phantom(
     seed: int,
     *,
     lesion_class: LesionClass | str | None = None,
-    manufacturer: str = "SIEMENS",
+    manufacturer: str | None = None,
     matrix: int | None = None,
     patient_name: str | None = None,
     with_tissue_maps: bool = False,
+    domain: ScannerDomain | str | None = None,
 ) -> PhantomStudy:
     """Draw one synthetic acute-stroke DWI/ADC study and its truth from ``seed``.
 
@@ -331,23 +386,68 @@ def generate_phantom(
     ``lesion_class`` forces a size class (``"none"``, ``"small"``, ``"medium"``,
     ``"large"``); by default it is drawn (30/35/25/10 % small/medium/large/none).
     ``matrix`` forces the in-plane matrix (128, 160, 192 or 256).
+
+    ``domain`` (a :class:`~models.synth.domains.ScannerDomain` or its name,
+    "A", "B", "C") images the same head and lesions as that scanner would:
+    protocol geometry, SNR, k-space blur, bias field, echo time, effective
+    b-value and manufacturer all come from the domain (``manufacturer``, if
+    given, must agree; ``matrix``, if given, must be one of its matrices).
+    Without a domain the study is bit for bit what this generator always made.
     """
     forced_class = LesionClass(lesion_class) if lesion_class is not None else None
+    scanner_domain = get_domain(domain) if domain is not None else None
+    if scanner_domain is None:
+        manufacturer = "SIEMENS" if manufacturer is None else manufacturer
+    else:
+        if manufacturer is not None and manufacturer != scanner_domain.manufacturer:
+            raise ValueError(
+                f"domain {scanner_domain.name} is {scanner_domain.manufacturer!r}, "
+                f"not {manufacturer!r}"
+            )
+        if matrix is not None and matrix not in scanner_domain.matrix_choices:
+            raise ValueError(
+                f"domain {scanner_domain.name} reconstructs {scanner_domain.matrix_choices}, "
+                f"not {matrix}"
+            )
+        manufacturer = scanner_domain.manufacturer
     anatomy = load_anatomy()
-    ss = np.random.SeedSequence([int(seed), 0x57_0E_5E_6])
+    ss = _seed_sequence(seed)
     rng_geo, rng_lesion, rng_signal, rng_noise, rng_meta = (
         np.random.default_rng(s) for s in ss.spawn(5)
     )
 
     pose = random_pose(rng_geo)
-    geometry = random_scan_geometry(rng_geo, pose, anatomy.brain_points_ras, matrix=matrix)
+    if scanner_domain is None:
+        geometry = random_scan_geometry(rng_geo, pose, anatomy.brain_points_ras, matrix=matrix)
+        scanner = None
+    else:
+        geometry = random_scan_geometry(
+            rng_geo, pose, anatomy.brain_points_ras, matrix=matrix,
+            **scanner_domain.geometry_choices(),
+        )
+        # A sixth stream: the first five (head, lesions, tissue) stay those of the seed.
+        rng_domain = np.random.default_rng(ss.spawn(1)[0])
+        scanner = scanner_domain.draw(rng_domain, reconstructed_matrix=geometry.shape[1])
     cls = forced_class if forced_class is not None else choose_lesion_class(rng_lesion)
     specs = plan_lesions(rng_lesion, cls, anatomy)
     lesion_field = rasterise_lesions(
         rng_lesion, specs, anatomy, mni_per_patient_volume=pose.scale**-3
     )
     params = random_tissue_parameters(rng_signal)
-    s0_map, sb_map, fraction_map = _signal_maps(anatomy, params, lesion_field)
+    if scanner is None:
+        s0_map, sb_map, fraction_map = _signal_maps(anatomy, params, lesion_field)
+    else:
+        params = at_echo_time(params, scanner.echo_time_ms, scanner.field_strength_t)
+        if lesion_field is not None:
+            lesion_field = replace(
+                lesion_field,
+                s0_increase=shine_through_at_echo_time(
+                    lesion_field.s0_increase, scanner.echo_time_ms
+                ),
+            )
+        s0_map, sb_map, fraction_map = _signal_maps(
+            anatomy, params, lesion_field, b_value=B_VALUE * scanner.b_value_scale
+        )
 
     sampler = _Sampler(anatomy, pose, geometry)
     s0, sb = sampler.sample([s0_map, sb_map])
@@ -366,12 +466,26 @@ def generate_phantom(
         tissue_fractions = np.stack(sampler.sample(channels), axis=0)
 
     # Scanner: bias field (same on both b-values), gain, Rician noise, ADC.
-    bias = bias_field(rng_signal, geometry.shape, float(rng_signal.uniform(0.05, 0.2)))
-    wm_b0 = params.s0[1]
-    gain = float(rng_signal.uniform(350.0, 900.0)) / wm_b0
-    sigma = float(rng_signal.uniform(0.02, 0.05)) * wm_b0 * gain
-    b0_signal = rician(rng_noise, s0 * bias * np.float32(gain), sigma)
-    dwi_signal = rician(rng_noise, sb * bias * np.float32(gain), sigma)
+    if scanner is None:
+        bias = bias_field(rng_signal, geometry.shape, float(rng_signal.uniform(0.05, 0.2)))
+        wm_b0 = params.s0[1]
+        gain = float(rng_signal.uniform(350.0, 900.0)) / wm_b0
+        sigma = float(rng_signal.uniform(0.02, 0.05)) * wm_b0 * gain
+        b0_signal = rician(rng_noise, s0 * bias * np.float32(gain), sigma)
+        dwi_signal = rician(rng_noise, sb * bias * np.float32(gain), sigma)
+    else:
+        # sigma is the noise of a stored pixel after the k-space transfer
+        # (zero-filling, apodisation), i.e. what the background shows.
+        bias = bias_field(rng_signal, geometry.shape, scanner.bias_amplitude)
+        gain = scanner.wm_b0_stored / params.s0[1]
+        sigma = scanner.wm_b0_stored / scanner.snr_wm_b0
+        transfer = kspace_transfer(
+            (geometry.shape[1], geometry.shape[2]), scanner.acquired_matrix,
+            fermi_radius=scanner.fermi_radius,
+        )
+        b0_signal = rician_acquired(rng_noise, s0 * bias * np.float32(gain), sigma, transfer)
+        dwi_signal = rician_acquired(rng_noise, sb * bias * np.float32(gain), sigma, transfer)
+    # The scanner computes the ADC with the nominal b-value it writes to the headers.
     adc = scanner_adc(b0_signal, dwi_signal, B_VALUE, background_threshold=5.0 * sigma)
 
     b0_stored = np.clip(np.rint(b0_signal), 0, DWI_MAX_STORED).astype(np.uint16)
@@ -384,8 +498,15 @@ def generate_phantom(
         lesions=tuple(specs),
         geometry=geometry,
         pose=pose,
-        acquisition=_acquisition(rng_meta, manufacturer),
-        identity=_identity(rng_meta, int(seed), patient_name),
+        acquisition=(
+            _acquisition(rng_meta, manufacturer)
+            if scanner_domain is None or scanner is None  # (both or neither)
+            else _domain_acquisition(rng_meta, scanner_domain, scanner)
+        ),
+        identity=_identity(
+            rng_meta, int(seed), patient_name,
+            uid_salt="" if scanner_domain is None else f"domain-{scanner_domain.name}-",
+        ),
         tissue_parameters=params,
         noise_sigma=sigma,
         b0=b0_stored,
@@ -394,9 +515,11 @@ def generate_phantom(
         fractions=fractions,
         mask=fractions >= 0.5,
         tissue_fractions=tissue_fractions,
+        domain=None if scanner_domain is None else scanner_domain.name,
+        scanner=scanner,
     )
     logger.debug(
-        "phantom seed=%d class=%s grid=%s lesion %.2f mL",
-        seed, cls.value, geometry.shape, study.lesion_volume_ml,
+        "phantom seed=%d class=%s grid=%s lesion %.2f mL domain %s",
+        seed, cls.value, geometry.shape, study.lesion_volume_ml, study.domain,
     )
     return study

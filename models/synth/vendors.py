@@ -218,8 +218,11 @@ def _classic_images(study: PhantomStudy, uids: _Uids, convention: VendorConventi
         ds.file_meta.MediaStorageSOPInstanceUID = UID(ds.SOPInstanceUID)
         for item in ds.get("SourceImageSequence", []):
             item.ReferencedSOPInstanceUID = uids(str(item.ReferencedSOPInstanceUID))
+        # A phantom drawn on this vendor's scanner (a domain) keeps its own model name,
+        # which matches its field strength; other phantoms get the convention's.
+        own = study.acquisition.manufacturer == manufacturer
         ds.Manufacturer = manufacturer
-        ds.ManufacturerModelName = model
+        ds.ManufacturerModelName = study.acquisition.model_name if own else model
         images.append(_Image(_kind(ds), _slice_index(study, ds), ds))
     return images
 
