@@ -1,7 +1,6 @@
 """Export a trained U-Net to ONNX, check parity, and write the model bundle.
 
-    python -m models.export --checkpoint runs/unet2d/unet2d.pt \\
-        --out models/zoo/unet2d-phantom/0.1.0 [--metrics metrics.json]
+    strokeseg export runs/unet2d/best.pt --out models/zoo/unet2d-phantom/0.2.0 [--metrics m.json]
 
 The bundle is what ``service.inference`` loads: ``model.onnx`` (input
 ``image`` (slices, 2, H, W) float32, output ``probability`` (slices, 1, H, W)
@@ -13,9 +12,6 @@ PyTorch by more than :data:`PARITY_TOLERANCE` at two slice counts.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -25,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from models.architectures.unet2d import SigmoidHead, UNet2D, UNet2DConfig, count_parameters
+from models.architectures.unet2d import SigmoidHead
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +30,6 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 PARITY_TOLERANCE = 1e-4
 PARITY_SLICE_COUNTS = (3, 25)
-
-
-def load_checkpoint(path: Path) -> UNet2D:
-    """The U-Net of a training checkpoint, in eval mode."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    config = checkpoint["config"]
-    net = UNet2D(UNet2DConfig(**{**config, "widths": tuple(config["widths"])}))
-    net.load_state_dict(checkpoint["state_dict"])
-    return net.eval()
 
 
 def write_onnx(
@@ -120,61 +107,82 @@ def check_parity(
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """SHA-256 of a file, as the service checks it (service.inference.card.sha256_of)."""
+    from service.inference.card import sha256_of
+
+    return sha256_of(path)
 
 
-def _reproduce_command(training: dict[str, Any], out_dir: Path) -> str:
-    """Train, export, measure, export again with the measured metrics."""
-    run = Path(training["args"]["out"])
-    export = f"python -m models.export --checkpoint {run / 'unet2d.pt'} --out {out_dir}"
-    return " && ".join(
-        [
-            training["command"],
-            export,
-            f"python -m models.evaluation --model {out_dir} --seeds 0-9 "
-            f"--lesion-free-seeds 10,11,12 --card-metrics {run / 'card-metrics.json'}",
-            f"{export} --metrics {run / 'card-metrics.json'}",
-        ]
+def export_network(net: torch.nn.Module, path: Path, *, matrix: tuple[int, int]) -> float:
+    """Export any registered architecture and return its ONNX/PyTorch parity.
+
+    The slice-wise U-Net is traced as is; the seed networks go through
+    :func:`models.export_seed.export_seed_onnx` (ConvLSTM loop kept as an
+    ONNX Loop, 3-D stack adapter) and are checked at slice counts other than
+    the export example's, so a frozen loop cannot pass.
+    """
+    from models.architectures.registry import architecture_of, stack_logits
+
+    if architecture_of(net) == "unet2d":
+        export_onnx(net, path, matrix=matrix)
+        return check_parity(net, path, matrix=matrix)
+    from models.export_seed import SEED_PARITY_SLICE_COUNTS, export_seed_onnx
+
+    export_seed_onnx(net, path, matrix=matrix)
+    return check_parity(
+        stack_logits(net).eval(), path, matrix=matrix, slice_counts=SEED_PARITY_SLICE_COUNTS
     )
 
 
 def write_bundle(
-    net: UNet2D,
+    net: torch.nn.Module,
     out_dir: Path,
     *,
     name: str,
     version: str,
-    training: dict[str, Any],
+    record: dict[str, Any],
+    training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     threshold: float = 0.5,
+    training_data: str | None = None,
+    reproduce: str = "",
 ) -> Path:
-    """Export, verify parity and write model.onnx + model.yaml + SHA256SUMS into ``out_dir``."""
-    grid = training["grid"]
+    """Export, verify parity and write model.onnx + model.yaml + SHA256SUMS into ``out_dir``.
+
+    ``record`` is the checkpoint (architecture, config, meta with the model
+    grid and preprocessing profile); ``training`` its run's training.json.
+    """
+    from models.architectures.registry import architecture_of, describe, network_config
+    from models.architectures.unet2d import count_parameters
+
+    meta = record.get("meta", {})
+    training = training or {}
+    grid = meta.get("grid", {"matrix": [128, 128], "pixel_spacing_mm": [1.8, 1.8]})
     matrix = (int(grid["matrix"][0]), int(grid["matrix"][1]))
+    out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
-    export_onnx(net, onnx_path, matrix=matrix)
-    diff = check_parity(net, onnx_path, matrix=matrix)
+    diff = export_network(net.eval(), onnx_path, matrix=matrix)
     if diff > PARITY_TOLERANCE:
         onnx_path.unlink()
         raise RuntimeError(f"ONNX/PyTorch parity failed: max abs diff {diff:.2e}")
-    logger.info("ONNX parity at slices %s: max abs diff %.2e", PARITY_SLICE_COUNTS, diff)
-    args = training["args"]
+    logger.info("ONNX parity: max abs diff %.2e", diff)
+    domains = meta.get("training_domains") or []
+    n_train = training.get("n_training_studies", len(meta.get("training_studies", [])))
+    n_val = training.get("n_validation_studies", len(meta.get("validation_studies", [])))
     card: dict[str, Any] = {
         "name": name,
         "version": version,
         "description": (
-            "Acute ischaemic stroke lesion segmentation on diffusion MRI (b1000 trace + ADC), "
-            "slice-wise 2-D U-Net. Trained only on synthetic phantoms (models.synth): a "
-            "reference/integration model, not validated on patient data."
+            "Acute ischaemic stroke lesion segmentation on diffusion MRI (b1000 trace + ADC). "
+            "Trained only on synthetic phantoms (models.synth) unless the training data say "
+            "otherwise: a reference/integration model, not validated on patient data."
         ),
-        "architecture": (
-            f"UNet2D widths {list(net.config.widths)}, 2x(conv3x3-BN-ReLU) per level, "
-            f"max-pool down, transposed-conv up, {count_parameters(net)} parameters"
-        ),
+        "architecture": describe(net),
+        "network": {
+            "architecture": architecture_of(net),
+            "config": network_config(net),
+            "parameters": count_parameters(net),
+        },
         "file": "model.onnx",
         "sha256": sha256_file(onnx_path),
         "opset": OPSET,
@@ -186,22 +194,24 @@ def write_bundle(
             "pixel_spacing_mm": [float(v) for v in grid["pixel_spacing_mm"]],
         },
         "output": {"name": OUTPUT_NAME, "activation": "sigmoid"},
-        "preprocessing_profile": training["preprocessing_profile"],
+        "preprocessing_profile": meta.get("preprocessing_profile", "dwi-median-adc-fixed-v1"),
         "threshold": threshold,
         "intended_use": "Research and integration testing only. Not for diagnosis.",
-        "training_data": (
-            f"{training['n_studies']} synthetic DWI/ADC studies from models.synth "
-            f"(write_phantom_cases seed {args['phantom_seed']}, case seeds >= 1000000; "
-            f"{training['n_validation_studies']} held out for validation), read through "
-            "service.intake.load_study and service.preprocess.to_model_input. Lesion size "
-            "classes small/medium/large/none 30/35/25/10 %."
+        "training_data": training_data or (
+            f"{n_train} training and {n_val} validation studies"
+            + (f" of domains {', '.join(domains)}" if domains else "")
+            + f" ({meta.get('mode', 'train')}), read through service.intake.load_study and "
+            "service.preprocess.to_model_input."
         ),
-        "reproduce": _reproduce_command(training, out_dir),
+        "reproduce": reproduce,
         "metrics": {
             "onnx_parity_max_abs_diff": float(f"{diff:.3g}"),
-            "validation_dice_mean_model_grid": round(float(training["best_val_dice_mean"]), 4),
-            "best_epoch": int(training["best_epoch"]),
-            "training_minutes": round(float(training["seconds"]["training"]) / 60.0, 1),
+            **(
+                {"validation_dice_mean_model_grid": round(float(training["best_val_dice_mean"]), 4),
+                 "best_epoch": int(training["best_epoch"]),
+                 "training_minutes": round(float(training["seconds"]) / 60.0, 1)}
+                if "best_val_dice_mean" in training else {}
+            ),
             **(metrics or {}),
         },
     }
@@ -214,31 +224,3 @@ def write_bundle(
     )
     (out_dir / "SHA256SUMS").write_text(sums)
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a U-Net checkpoint as a model bundle")
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--training", type=Path, help="training.json (default: beside checkpoint)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--name", default="unet2d-phantom")
-    parser.add_argument("--version", default="0.1.0")
-    parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--metrics", type=Path, help="JSON of measured metrics for the card")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    training = json.loads(
-        (args.training or args.checkpoint.parent / "training.json").read_text()
-    )
-    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
-    net = load_checkpoint(args.checkpoint)
-    out = write_bundle(
-        net, args.out, name=args.name, version=args.version, training=training,
-        metrics=metrics, threshold=args.threshold,
-    )
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.architectures.preact_unet3d import PreActUNet3D, PreActUNet3DConfig, SliceStack3D
+from models.architectures.preact_unet3d import PreActUNet3D
+from models.architectures.registry import build_network, stack_logits, width_config
 from models.architectures.res_convlstm_unet import (
     NARROW_WIDTH,
     ResConvLSTMUNet,
-    ResConvLSTMUNetConfig,
     script_recurrences,
 )
 from models.architectures.unet2d import SigmoidHead, count_parameters
@@ -58,11 +58,9 @@ _EXAMPLE_SLICES = 3
 
 def slice_stack_logits(net: nn.Module) -> nn.Module:
     """``net`` as a (slices, 2, H, W) -> (slices, 1, H, W) logit module, eager (the reference)."""
-    if isinstance(net, PreActUNet3D):
-        return SliceStack3D(net).eval()
-    if isinstance(net, ResConvLSTMUNet):
-        return net.eval()
-    raise TypeError(f"not a seed architecture: {type(net).__name__}")
+    if not isinstance(net, PreActUNet3D | ResConvLSTMUNet):
+        raise TypeError(f"not a seed architecture: {type(net).__name__}")
+    return stack_logits(net).eval()
 
 
 def _exportable(net: nn.Module) -> nn.Module:
@@ -106,11 +104,9 @@ def export_and_verify(
 
 def build(arch: str, width: int) -> nn.Module:
     """A fresh network of ``arch``; ``width`` is the first-level channel count."""
-    if arch == "res-convlstm":
-        return ResConvLSTMUNet(ResConvLSTMUNetConfig(width=width))
-    if arch == "preact3d":
-        return PreActUNet3D(PreActUNet3DConfig(base_width=width))
-    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    return build_network(arch, width_config(arch, width))
 
 
 def main(argv: list[str] | None = None) -> int:

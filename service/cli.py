@@ -9,13 +9,18 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from service.config import Settings, load_settings
 from service.errors import ConfigError, StrokesegError, StudyRefused
+
+if TYPE_CHECKING:
+    from service.db import DestinationDelivery
+    from service.db.commitment import DestinationCommitment
 
 app = typer.Typer(
     help="strokeseg: acute ischemic stroke lesion segmentation on diffusion MRI, DICOM in, "
@@ -71,9 +76,11 @@ class _ScpProcess:
         from service.assemble import StudyAssembler
         from service.db import Database, JobStore
         from service.db.commitment import CommitmentStore
+        from service.deliver.followup import CommitmentFollowUp
         from service.intake import signature_of
         from service.metrics import serve_metrics
         from service.scp import StorageSCP
+        from service.scp.commitment import report_handlers
         from service.storage import Spool
         from service.worker.app import dispatcher
 
@@ -104,6 +111,16 @@ class _ScpProcess:
             ),
             commitments=commitments,
             commitment_timeout_s=settings.delivery.commitment_timeout_s,
+            follow_up=CommitmentFollowUp(
+                commitments,
+                store,
+                settings.destinations,
+                calling_ae_title=settings.scp.ae_title,
+                max_attempts=settings.delivery.commitment_max_attempts,
+                retry_initial_s=settings.delivery.retry_initial_s,
+                retry_max_interval_s=settings.delivery.retry_max_interval_s,
+                evt_handlers=report_handlers(commitments),
+            ).tick,
         )
         serve_metrics(settings.metrics.scp_port)
 
@@ -226,7 +243,7 @@ def worker(
 def segment(
     input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder of DICOM files (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SEG and SR files.")],
-    model_dir: Annotated[Path | None, typer.Option(help="Model folder (model.onnx + model.yaml).")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Model folder (model.onnx + model.yaml); default: the config's model_dir and model_routes.")] = None,
     overlay: Annotated[bool, typer.Option(help="Also write the colour overlay series.")] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -235,12 +252,17 @@ def segment(
     Exit code 1 if any study was refused or failed.
     """
     settings = _settings(config)
-    from service.inference import load_model
+    from service.inference import LoadedModel, ModelRouter, load_model
     from service.intake import group_by_study
-    from service.pipeline import segment_files
+    from service.pipeline import model_router, segment_files
 
+    model: LoadedModel | ModelRouter
     try:
-        model = load_model(model_dir or settings.model_dir, intra_op_threads=settings.worker.intra_op_threads)
+        if model_dir is not None:
+            model = load_model(model_dir, intra_op_threads=settings.worker.intra_op_threads)
+        else:
+            model = model_router(settings)
+            model.preload()
     except StrokesegError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -278,12 +300,49 @@ def phantom(
     output_dir: Annotated[Path, typer.Argument(help="Folder to write case_NNNN/ studies into.")],
     cases: Annotated[int, typer.Option(min=1, help="Number of studies.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same studies).")] = 0,
+    domain: Annotated[str | None, typer.Option(help="Scanner domain A (Siemens-like 3T), B (GE-like 1.5T) or C (Philips-like 3T), written in that vendor's DICOM convention; default: mixed scanners, standard tags.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Processes writing studies in parallel.")] = 1,
 ) -> None:
     """Write synthetic DWI studies (b0, b1000, ADC) with ground-truth lesion masks."""
     from models.synth import write_phantom_cases
 
-    for path in write_phantom_cases(output_dir, cases, seed):
+    try:
+        paths = write_phantom_cases(output_dir, cases, seed, domain=domain, workers=workers)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for path in paths:
         typer.echo(str(path))
+
+
+def _delivery_column(
+    deliveries: Sequence[DestinationDelivery], commitments: Sequence[DestinationCommitment]
+) -> str:
+    """Per destination: C-STORE state, then Storage Commitment state (committed/pending/failed + reason)."""
+    by_name = {c.destination: c for c in commitments}
+    parts = []
+    for delivery in deliveries:
+        text = f"{delivery.destination}: stored {delivery.stored}/{delivery.objects}"
+        if delivery.failure:
+            text += f" ({delivery.failure})"
+        commitment = by_name.pop(delivery.destination, None)
+        if commitment is None:
+            text += ", no commitment requested" if delivery.stored else ""
+        elif commitment.state.value == "committed":
+            text += f", committed {commitment.committed}/{commitment.instances}"
+        else:
+            text += (
+                f", commitment {commitment.state.value} {commitment.committed}/"
+                f"{commitment.instances} committed ({commitment.reason})"
+            )
+        parts.append(text)
+    for commitment in by_name.values():  # requested without a recorded C-STORE
+        parts.append(
+            f"{commitment.destination}: commitment {commitment.state.value} "
+            f"{commitment.committed}/{commitment.instances} committed"
+            + (f" ({commitment.reason})" if commitment.reason else "")
+        )
+    return " | ".join(parts) or "-"
 
 
 @app.command()
@@ -291,21 +350,29 @@ def jobs(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="How many of the newest jobs.")] = 50,
 ) -> None:
-    """List jobs: id, state, reason, lesion volume, timings."""
+    """List jobs: id, state, reason, lesion volume, timings, and per destination whether the
+    results are stored and committed (Storage Commitment: committed / pending / failed + reason)."""
     settings = _settings(config)
     from service.db import Database, JobStore
+    from service.db.commitment import CommitmentStore
 
-    store = JobStore(Database(settings.database_url))
-    typer.echo("id\tstate\tvolume_ml\tcreated_utc\tfinished_utc\tstudy\treason")
-    for job in store.jobs(limit=limit):
+    db = Database(settings.database_url)
+    store = JobStore(db)
+    listed = store.jobs(limit=limit)
+    ids = [job.id for job in listed]
+    deliveries = store.delivery_states(ids)
+    commitment_states = CommitmentStore(db).destination_states(ids)
+    typer.echo("id\tstate\tvolume_ml\tcreated_utc\tfinished_utc\tstudy\treason\tdelivery")
+    for job in listed:
         volume = f"{job.lesion_volume_ml:.2f}" if job.lesion_volume_ml is not None else "-"
         finished = job.finished_at.isoformat(timespec="seconds") if job.finished_at else "-"
         reason = job.reason
         if job.superseded_by is not None:
             reason = f"{reason}; superseded by job {job.superseded_by}".lstrip("; ")
+        delivery = _delivery_column(deliveries.get(job.id, []), commitment_states.get(job.id, []))
         typer.echo(
             f"{job.id}\t{job.state.value}\t{volume}\t{job.created_at.isoformat(timespec='seconds')}"
-            f"\t{finished}\t{job.study_instance_uid}\t{reason}"
+            f"\t{finished}\t{job.study_instance_uid}\t{reason}\t{delivery}"
         )
 
 
@@ -315,19 +382,25 @@ def commitments(
     job: Annotated[int | None, typer.Option(help="Only this job's transactions.")] = None,
     limit: Annotated[int, typer.Option(help="How many of the newest transactions.")] = 50,
 ) -> None:
-    """List Storage Commitment transactions: state, destination, instances, report latency."""
+    """List Storage Commitment transactions: state, destination, instances, report latency,
+    attempt (re-requests count up) and what the follow-up did (re-requested / gave_up + reason)."""
     settings = _settings(config)
     from service.db import Database
     from service.db.commitment import CommitmentStore
 
     store = CommitmentStore(Database(settings.database_url))
-    typer.echo("transaction_uid\tjob\tdestination\tstate\tinstances\tcommitted\treport_s\tdetail")
+    typer.echo(
+        "transaction_uid\tjob\tdestination\tstate\tinstances\tcommitted\treport_s\tdetail"
+        "\tattempt\tfollow_up"
+    )
     for txn in store.transactions(job_id=job, limit=limit):
         committed = sum(1 for i in txn.instances if i.state.value == "committed")
         latency = f"{txn.report_latency_s:.2f}" if txn.report_latency_s is not None else "-"
+        follow_up = f"{txn.follow_up.value}: {txn.follow_up_detail}" if txn.follow_up.value else "-"
         typer.echo(
             f"{txn.transaction_uid}\t{txn.job_id if txn.job_id is not None else '-'}\t{txn.destination}"
             f"\t{txn.state.value}\t{len(txn.instances)}\t{committed}\t{latency}\t{txn.detail}"
+            f"\t{txn.attempt}\t{follow_up}"
         )
 
 
@@ -344,6 +417,12 @@ def retry(job_id: int, config: ConfigOption = None) -> None:
         raise typer.Exit(1)
     dispatcher(settings)(job_id)
     typer.echo(f"job {job_id} queued")
+
+
+# train / finetune / export / evaluate: defined in models.cli, torch imported only when run.
+from models.cli import register as _register_model_commands  # noqa: E402
+
+_register_model_commands(app)
 
 
 @app.command("db-upgrade")

@@ -64,6 +64,12 @@ class DeriveSettings(_Section):
         default_factory=list,
         description="Report 'ADC core volume below X mL' comparisons (e.g. 21, 31, 51, 70); empty = off.",
     )
+    core_min_cluster_ml: float = Field(
+        0.3,
+        ge=0,
+        description="ADC core counts only 6-connected low-ADC clusters of at least this volume "
+        "(mL; removes noise voxels before the cut-off comparisons); 0 = every voxel.",
+    )
     overlay: OverlaySettings = OverlaySettings()
 
 
@@ -75,6 +81,13 @@ class DeliverySettings(_Section):
     )
     commitment_timeout_s: float = Field(
         300.0, gt=0, description="A commitment request with no report after this is flagged timed_out."
+    )
+    commitment_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Storage Commitment requests per result object and destination: instances a "
+        "report lists as failed (or never reported) are re-sent and re-requested until this many "
+        "requests were made, then recorded failed with the reason (1 = never re-request).",
     )
 
 
@@ -106,6 +119,22 @@ class Destination(_Section):
         default_factory=lambda: list[ResultKind](("SEG", "SR")),
         description="Which result objects this destination receives.",
     )
+
+
+class ModelRoute(_Section):
+    """Serve a vendor-specific (e.g. fine-tuned) model for one scanner manufacturer.
+
+    The seeds' central finding is that a model loses Dice on another vendor's
+    scanner and regains it after fine-tuning on that vendor: a site that has
+    fine-tuned a model for its GE scanners routes GE studies to it here.
+    """
+
+    manufacturer: str = Field(
+        min_length=1,
+        description="Case-insensitive prefix of the DWI series' Manufacturer (0008,0070), "
+        "e.g. 'GE' matches 'GE MEDICAL SYSTEMS'. The longest matching prefix wins.",
+    )
+    model_dir: Path = Field(description="Folder with model.onnx + model.yaml for this vendor.")
 
 
 class WorkerSettings(_Section):
@@ -159,6 +188,10 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     model_dir: Path = BUNDLED_MODEL_DIR
+    model_routes: list[ModelRoute] = Field(
+        default_factory=list,
+        description="Per-manufacturer models; studies of other vendors use model_dir.",
+    )
     worker: WorkerSettings = WorkerSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
     metrics: MetricsSettings = MetricsSettings()

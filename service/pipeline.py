@@ -26,7 +26,7 @@ from service.deliver.commitment import CommitmentRequest, request_commitment
 from service.derive import AlgorithmInfo, GridGeometry, compute_lesion_findings, write_results
 from service.domain import DiffusionStudy, JobState, LesionSegmentation, ResultObject
 from service.errors import DeliveryError, GeometryError, StudyRefused
-from service.inference import LoadedModel, cached_model, segment_lesion
+from service.inference import LoadedModel, ModelRouter, segment_lesion
 from service.intake import load_study
 from service.preprocess import ProfileOptions, brain_mask
 from service.scp.commitment import report_handlers
@@ -53,7 +53,7 @@ def algorithm_of(model: LoadedModel) -> AlgorithmInfo:
 
 def segment_files(
     paths: Sequence[Path],
-    model: LoadedModel,
+    model: LoadedModel | ModelRouter,
     out_dir: Path,
     options: ProfileOptions | None = None,
     derive: DeriveSettings | None = None,
@@ -63,10 +63,14 @@ def segment_files(
 ) -> StudyResult:
     """Segment one study's files and write SEG + SR (+ overlay) into ``out_dir``.
 
+    ``model`` is one model, or a :class:`ModelRouter` that picks the model for
+    the DWI series' Manufacturer (vendor-specific fine-tuned models).
     Raises :class:`StudyRefused` (with its reason) when the input is unusable.
     """
     derive = derive or DeriveSettings()
     study = load_study(paths)
+    if isinstance(model, ModelRouter):
+        model = model.select(study.manufacturer)
     started = time.perf_counter()
     segmentation = segment_lesion(study, model, options)
     inference_s = time.perf_counter() - started
@@ -82,6 +86,7 @@ def segment_files(
             GridGeometry.from_volume(study.dwi),
             input_quality="; ".join(study.notes),
             adc_core_threshold=derive.adc_core_threshold,
+            core_min_cluster_ml=derive.core_min_cluster_ml,
         )
         objects = write_results(
             [frame.path for frame in study.dwi_sources],
@@ -101,6 +106,15 @@ def segment_files(
     except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
         raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
     return StudyResult(study, segmentation, objects, inference_s)
+
+
+def model_router(settings: Settings) -> ModelRouter:
+    """The :class:`ModelRouter` described by ``model_dir`` and ``model_routes``."""
+    return ModelRouter.of(
+        settings.model_dir,
+        [(route.manufacturer, route.model_dir) for route in settings.model_routes],
+        intra_op_threads=settings.worker.intra_op_threads,
+    )
 
 
 @dataclass
@@ -124,10 +138,9 @@ class WorkerContext:
             commitments=CommitmentStore(db),
         )
 
-    def model(self) -> LoadedModel:
-        return cached_model(
-            self.settings.model_dir, intra_op_threads=self.settings.worker.intra_op_threads
-        )
+    def router(self) -> ModelRouter:
+        """Vendor -> model routing from the settings; models load once per process."""
+        return model_router(self.settings)
 
 
 def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> list[str]:
@@ -267,7 +280,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
             log.info("job %d: re-delivering the results of its previous attempt", job_id, extra=extra)
         else:
             paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
-            model = ctx.model()
+            model = ctx.router()
             previous = ctx.store.previous_result(job_id)
             previous_reports = (
                 sorted(Path(previous.result_dir).glob("SR_*.dcm")) if previous and previous.result_dir else []

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from models.casefolder import dicom_files, mask_path, truth_mask
 from service.intake import load_study
 from service.preprocess import ModelGrid, resample_to_model_grid, to_model_input
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -57,15 +58,17 @@ class CaseArrays:
 def study_arrays(
     case_dir: Path, grid: ModelGrid, profile: str
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float, float]:
-    """(input tensor, soft target, truth volume mL, model voxel mL) of one phantom case."""
-    study = load_study(sorted((case_dir / "dicom").glob("*.dcm")))
+    """(input tensor, soft target, truth volume mL, model voxel mL) of one case folder."""
+    study = load_study(dicom_files(case_dir))
     model_input = to_model_input(study, grid, profile)
-    mask = np.load(case_dir / "truth" / "mask.npy")
-    if mask.shape != study.dwi.shape:
-        raise ValueError(f"{case_dir}: truth {mask.shape} does not match DWI {study.dwi.shape}")
+    mask = truth_mask(case_dir, study.dwi)
     target = resample_to_model_grid(study.dwi.with_voxels(mask.astype(np.float32)), model_input)
     truth_ml = float(mask.sum()) * study.dwi.voxel_volume_ml
     return model_input.tensor, target.voxels, truth_ml, model_input.grid.voxel_volume_ml
+
+
+def _file_digest(path: Path | None) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else ""
 
 
 def _cache_key(case_dirs: list[Path], grid: ModelGrid, profile: str) -> str:
@@ -74,11 +77,8 @@ def _cache_key(case_dirs: list[Path], grid: ModelGrid, profile: str) -> str:
         "grid": [list(grid.matrix), list(grid.pixel_spacing_mm)],
         "profile": profile,
         "cases": [str(p.resolve()) for p in case_dirs],
-        # truth.json changes whenever the generator or the case changes.
-        "truth": [
-            hashlib.sha256((p / "truth" / "truth.json").read_bytes()).hexdigest()
-            for p in case_dirs
-        ],
+        # The truth mask changes whenever the generator, the case or its annotation does.
+        "truth": [_file_digest(mask_path(p)) for p in case_dirs],
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -35,11 +35,24 @@ class ModelOutputSpec(_Strict):
     activation: str = "sigmoid"
 
 
+class NetworkSpec(_Strict):
+    """The trained network's family and shape (models.architectures.registry names).
+
+    Not needed to serve the ONNX file; it lets the speed benchmark and a
+    reader rebuild exactly this network in PyTorch.
+    """
+
+    architecture: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    parameters: int | None = None
+
+
 class ModelCard(_Strict):
     name: str
     version: str
     description: str = ""
     architecture: str = ""
+    network: NetworkSpec | None = None
     file: str = "model.onnx"
     sha256: str | None = None
     opset: int | None = None

@@ -1,0 +1,94 @@
+"""Vendor -> model routing: the service picks the model by the DWI Manufacturer.
+
+The seeds' central finding (a model loses accuracy on another vendor and
+regains it after fine-tuning) is only useful if a site can serve the
+fine-tuned model for that vendor; these tests check the choice, the config
+that describes it, and that a study really is segmented by the routed model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.synth import generate_phantom, write_vendor_study
+from service.config import load_settings
+from service.errors import ConfigError
+from service.inference import ModelRouter
+from service.pipeline import model_router, segment_files
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.1.0"
+
+
+def _renamed_bundle(dst: Path, name: str) -> Path:
+    """A copy of the bundled model whose card carries another name."""
+    shutil.copytree(BUNDLED, dst)
+    card = yaml.safe_load((dst / "model.yaml").read_text())
+    card["name"] = name
+    (dst / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    sums = "".join(
+        f"{hashlib.sha256((dst / f).read_bytes()).hexdigest()}  {f}\n"
+        for f in ("model.onnx", "model.yaml")
+    )
+    (dst / "SHA256SUMS").write_text(sums)
+    return dst
+
+
+def test_longest_prefix_case_insensitive(tmp_path: Path) -> None:
+    router = ModelRouter.of(
+        tmp_path / "default",
+        [("GE", tmp_path / "ge"), ("philips", tmp_path / "philips"),
+         ("GE HEALTHCARE", tmp_path / "ge-hc")],
+    )
+    assert router.model_dir_for("GE MEDICAL SYSTEMS") == tmp_path / "ge"
+    assert router.model_dir_for("GE  HealthCare ") == tmp_path / "ge-hc"
+    assert router.model_dir_for("Philips Medical Systems") == tmp_path / "philips"
+    assert router.model_dir_for("SIEMENS") == tmp_path / "default"
+    assert router.model_dir_for("") == tmp_path / "default"
+    # A prefix is a prefix of the name, not a substring anywhere in it.
+    assert router.model_dir_for("Not GE") == tmp_path / "default"
+
+
+def test_empty_prefix_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        ModelRouter.of(tmp_path, [("  ", tmp_path)])
+
+
+def test_routes_from_config(tmp_path: Path) -> None:
+    config = tmp_path / "strokeseg.yaml"
+    config.write_text(yaml.safe_dump({
+        "spool_dir": str(tmp_path / "spool"),
+        "model_dir": str(tmp_path / "default"),
+        "model_routes": [{"manufacturer": "GE", "model_dir": str(tmp_path / "ge")}],
+    }))
+    router = model_router(load_settings(config))
+    assert router.model_dir_for("GE MEDICAL SYSTEMS") == tmp_path / "ge"
+    assert router.model_dir_for("SIEMENS") == tmp_path / "default"
+    config.write_text(yaml.safe_dump({"model_routes": [{"manufacturer": "GE"}]}))
+    with pytest.raises(ConfigError, match="model_dir"):
+        load_settings(config)
+
+
+def test_preload_finds_a_broken_route(tmp_path: Path) -> None:
+    from service.errors import ModelError
+
+    router = ModelRouter.of(BUNDLED, [("GE", tmp_path / "missing")])
+    with pytest.raises(ModelError):
+        router.preload()
+
+
+def test_study_is_segmented_by_its_vendors_model(tmp_path: Path) -> None:
+    ge_model = _renamed_bundle(tmp_path / "ge-model", "unet2d-phantom-ge")
+    router = ModelRouter.of(BUNDLED, [("GE", ge_model)])
+    phantom = generate_phantom(311, lesion_class="medium", matrix=128)
+    names = {}
+    for convention in ("ge", "siemens_classic"):
+        case = write_vendor_study(phantom, tmp_path / convention, convention)
+        result = segment_files(sorted((case / "dicom").glob("*.dcm")), router, tmp_path / f"out-{convention}")
+        names[convention] = result.segmentation.model_name
+        assert result.segmentation.lesion_volume_ml > 1.0
+    assert names == {"ge": "unet2d-phantom-ge", "siemens_classic": "unet2d-phantom"}
