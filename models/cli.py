@@ -90,7 +90,7 @@ def train(
     slab: Annotated[int, typer.Option(min=2, help="Neighbouring slices per step (sequence models).")] = 8,
     crop: Annotated[int, typer.Option(help="Training crop in pixels (multiple of 16).")] = 96,
     seed: Annotated[int, typer.Option(help="Seed: same data + seed + threads = same model.")] = 0,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Last fraction of the studies held out for validation.")] = 0.1,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Last fraction of the studies of each DATA folder held out for validation.")] = 0.1,
     val_data: Annotated[list[Path] | None, typer.Option(help="Validation case folders instead of --val-fraction.")] = None,
     tversky_alpha: Annotated[float, typer.Option(help="Tversky weight of false positives.")] = 0.5,
     tversky_beta: Annotated[float, typer.Option(help="Tversky weight of false negatives.")] = 0.5,
@@ -190,13 +190,15 @@ def _fit(
         train_settings = TrainSettings(**settings)
     except TypeError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    cases = find_cases(data)
     val_cases_dirs = find_cases(val_data) if val_data else []
-    if not val_cases_dirs:
-        n_val = max(1, round(val_fraction * len(cases))) if val_fraction > 0 else 0
-        if n_val >= len(cases):
-            raise typer.BadParameter(f"{len(cases)} studies leave none for training after validation")
-        cases, val_cases_dirs = cases[: len(cases) - n_val], cases[len(cases) - n_val :]
+    cases = []
+    for folder in data:  # hold out the last fraction of *each* DATA argument (each vendor)
+        found = find_cases([folder])
+        n_val = max(1, round(val_fraction * len(found))) if val_fraction > 0 and not val_data else 0
+        if n_val >= len(found):
+            raise typer.BadParameter(f"{folder}: {len(found)} studies leave none for training after validation")
+        cases += found[: len(found) - n_val]
+        val_cases_dirs += found[len(found) - n_val :]
     if max_cases is not None:
         cases = cases[:max_cases]
     if not val_cases_dirs:
@@ -247,6 +249,7 @@ def export(
     metrics: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSON of measured metrics for the card (e.g. from evaluate).")] = None,
     training_data: Annotated[str | None, typer.Option(help="Card text describing the training data.")] = None,
     reproduce: Annotated[str | None, typer.Option(help="Card text: the commands that reproduce this model.")] = None,
+    include_checkpoint: Annotated[bool, typer.Option(help="Ship the PyTorch checkpoint in the bundle (checkpoint.pt) so sites can fine-tune it.")] = False,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic slice count; parity with PyTorch checked) as a model bundle."""
     _need_training_extra()
@@ -265,6 +268,7 @@ def export(
             reproduce=reproduce or " && ".join(
                 [str(record.get("meta", {}).get("command", "")), _command_line()]
             ),
+            checkpoint=checkpoint if include_checkpoint else None,
         )
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)

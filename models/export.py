@@ -13,6 +13,7 @@ PyTorch by more than :data:`PARITY_TOLERANCE` at two slice counts.
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,7 @@ def write_bundle(
     threshold: float = 0.5,
     training_data: str | None = None,
     reproduce: str = "",
+    checkpoint: Path | None = None,
 ) -> Path:
     """Export, verify parity and write model.onnx + model.yaml + SHA256SUMS into ``out_dir``.
 
@@ -219,8 +221,10 @@ def write_bundle(
         "# Model card: read by service.inference.card.load_model_card.\n"
         + yaml.safe_dump(card, sort_keys=False, width=100)
     )
-    sums = "".join(
-        f"{sha256_file(out_dir / f)}  {f}\n" for f in ("model.onnx", "model.yaml")
-    )
+    files = ["model.onnx", "model.yaml"]
+    if checkpoint is not None:
+        shutil.copyfile(checkpoint, out_dir / "checkpoint.pt")
+        files.append("checkpoint.pt")
+    sums = "".join(f"{sha256_file(out_dir / f)}  {f}\n" for f in files)
     (out_dir / "SHA256SUMS").write_text(sums)
     return out_dir

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
 
 from models.synth import PhantomStudy, VendorConvention, generate_phantom, write_vendor_study
+from service.config import BUNDLED_MODEL_DIR
 from service.derive import (
     CORE_VOLUME_CUTOFFS_ML,
     AlgorithmInfo,
@@ -48,7 +49,7 @@ ENHANCED_CLASSIC_ADC = VendorConvention.ENHANCED_CLASSIC_ADC
 MOSAIC = VendorConvention.SIEMENS_MOSAIC
 CONVENTIONS = [ENHANCED, ENHANCED_CLASSIC_ADC, MOSAIC]
 ALGORITHM = AlgorithmInfo(name="strokeseg-unet", version="1.2.0", parameters={"threshold": "0.5"})
-MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.1.0"
+MODEL_DIR = BUNDLED_MODEL_DIR  # the model `strokeseg serve` uses by default
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,8 +31,9 @@ from models.evaluation.stats import (
     mann_whitney_u,
     wilcoxon_signed_rank,
 )
+from service.config import BUNDLED_MODEL_DIR
 
-BUNDLE = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.1.0"
+BUNDLE = BUNDLED_MODEL_DIR  # the model `strokeseg serve` uses by default
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

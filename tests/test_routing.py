@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from models.synth import generate_phantom, write_vendor_study
-from service.config import load_settings
+from service.config import BUNDLED_MODEL_DIR, load_settings
 from service.errors import ConfigError
-from service.inference import ModelRouter
+from service.inference import ModelRouter, load_model_card
 from service.pipeline import model_router, segment_files
 
-BUNDLED = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.1.0"
+BUNDLED = BUNDLED_MODEL_DIR  # the model `strokeseg serve` uses by default
 
 
 def _renamed_bundle(dst: Path, name: str) -> Path:
@@ -91,4 +91,5 @@ def test_study_is_segmented_by_its_vendors_model(tmp_path: Path) -> None:
         result = segment_files(sorted((case / "dicom").glob("*.dcm")), router, tmp_path / f"out-{convention}")
         names[convention] = result.segmentation.model_name
         assert result.segmentation.lesion_volume_ml > 1.0
-    assert names == {"ge": "unet2d-phantom-ge", "siemens_classic": "unet2d-phantom"}
+    default_name = load_model_card(BUNDLED).name
+    assert names == {"ge": "unet2d-phantom-ge", "siemens_classic": default_name}

@@ -157,8 +157,15 @@ def test_export_parity_and_serving(architecture: str, tmp_path: Path) -> None:
          "meta": {"grid": {"matrix": [64, 64], "pixel_spacing_mm": [3.6, 3.6]}}},
         run / "best.pt",
     )
-    output = _strokeseg("export", run / "best.pt", "--out", tmp_path / "bundle", "--name", f"t-{architecture}")
+    output = _strokeseg(
+        "export", run / "best.pt", "--out", tmp_path / "bundle", "--name", f"t-{architecture}",
+        "--include-checkpoint",
+    )
     assert "wrote" in output
+    sums = (tmp_path / "bundle" / "SHA256SUMS").read_text()
+    assert "checkpoint.pt" in sums and "model.onnx" in sums
+    reloaded, _ = load_checkpoint(tmp_path / "bundle" / "checkpoint.pt")
+    assert type(reloaded) is type(net)
     model = load_model(tmp_path / "bundle")
     card = model.card
     assert card.opset == 17 and card.network is not None
@@ -170,7 +177,7 @@ def test_export_parity_and_serving(architecture: str, tmp_path: Path) -> None:
 
 
 def test_evaluate_writes_report(cases: Path, tmp_path: Path) -> None:
-    bundled = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.1.0"
+    from service.config import BUNDLED_MODEL_DIR as bundled
     output = _strokeseg("evaluate", cases, "--model", bundled, "--out", tmp_path / "report")
     assert "5 studies: median Dice" in output
     report = json.loads((tmp_path / "report" / "report.json").read_text())

@@ -32,6 +32,7 @@ from models.synth import (
     write_vendor_study,
 )
 from models.synth.vendors import directional_images
+from service.config import BUNDLED_MODEL_DIR
 from service.domain import DiffusionStudy
 from service.errors import (
     GeometryError,
@@ -46,7 +47,7 @@ from service.intake import ImageRole, classify_frame, classify_image, load_study
 from service.intake.classify import csareader  # imported without nibabel's reader warning
 
 SEED = 311  # < 1000: never a training case
-MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.1.0"
+MODEL_DIR = BUNDLED_MODEL_DIR  # the model `strokeseg serve` uses by default
 MOSAIC = VendorConvention.SIEMENS_MOSAIC
 ENHANCED = VendorConvention.ENHANCED
 COMPUTED_ADC = {VendorConvention.NO_ADC, VendorConvention.DIRECTIONAL_NO_ADC}

@@ -10,8 +10,7 @@ Each case folder has the layout ``strokeseg phantom`` writes
 The study is read with ``service.intake.load_study`` and segmented with
 ``service.inference.segment_lesion``, the calls ``service.pipeline`` makes, so
 the numbers describe what PACS would receive, not a re-implementation of the
-preprocessing.  The truth is compared on the native DWI grid (as in
-:func:`models.evaluation.evaluate_study`).
+preprocessing.  The truth is compared on the native DWI grid.
 
 One bad case must not cost a whole evaluation run: a case whose truth cannot
 be read, whose study the intake refuses, or whose truth grid does not match

@@ -27,7 +27,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +154,10 @@ def _overall(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _dice_by_case(report: dict[str, Any]) -> dict[str, float]:
+def _by_case(report: dict[str, Any], field: str = "dice") -> dict[str, float]:
+    """``field`` of each study with a lesion (Dice, lesion F1, ...), by case name."""
     return {
-        row["case"]: row["dice"] for row in report["cases"] if row["truth_volume_ml"] > 0
+        row["case"]: row[field] for row in report["cases"] if row["truth_volume_ml"] > 0
     }
 
 
@@ -193,14 +194,15 @@ def run_experiment(out: Path, scale: Scale, threads: int, workers: int) -> dict[
             tests[label] = {"error": str(exc)}
 
     for src, dst in (("A", "B"), ("B", "A")):
-        internal = list(_dice_by_case(reports[f"vendor{src}"][src]).values())
-        external = _dice_by_case(reports[f"vendor{src}"][dst])
-        tuned = _dice_by_case(reports[f"vendor{src}-ft-{dst}"][dst])
-        shared = sorted(set(external) & set(tuned))
-        safe(f"{src}-model internal ({src}) vs external ({dst}), Mann-Whitney U",
-             mann_whitney_u, internal, list(external.values()))
-        safe(f"{src}-model on {dst}: before vs after fine-tuning on {dst}, Wilcoxon",
-             wilcoxon_signed_rank, [external[c] for c in shared], [tuned[c] for c in shared])
+        for field, what in (("dice", "Dice"), ("lesion_f1", "lesion F1")):
+            internal = list(_by_case(reports[f"vendor{src}"][src], field).values())
+            external = _by_case(reports[f"vendor{src}"][dst], field)
+            tuned = _by_case(reports[f"vendor{src}-ft-{dst}"][dst], field)
+            shared = sorted(set(external) & set(tuned))
+            safe(f"{what}: {src}-model internal ({src}) vs external ({dst}), Mann-Whitney U",
+                 mann_whitney_u, internal, list(external.values()))
+            safe(f"{what}: {src}-model on {dst} before vs after fine-tuning on {dst}, Wilcoxon",
+                 wilcoxon_signed_rank, [external[c] for c in shared], [tuned[c] for c in shared])
     training = {
         name: json.loads((run / "training.json").read_text()) for name, run in runs.items()
     }
@@ -295,9 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="processes writing phantoms")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 20)")
+    parser.add_argument(
+        "--curve-sizes", help="training-size curve sizes, comma-separated (default 6,18)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_experiment(args.out, QUICK if args.quick else Scale(), args.threads, args.workers)
+    scale = QUICK if args.quick else Scale()
+    if args.epochs:
+        scale = replace(scale, epochs=args.epochs)
+    if args.curve_sizes:
+        scale = replace(scale, curve_sizes=tuple(int(n) for n in args.curve_sizes.split(",")))
+    run_experiment(args.out, scale, args.threads, args.workers)
     return 0
 
 
