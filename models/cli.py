@@ -250,6 +250,7 @@ def export(
     training_data: Annotated[str | None, typer.Option(help="Card text describing the training data.")] = None,
     reproduce: Annotated[str | None, typer.Option(help="Card text: the commands that reproduce this model.")] = None,
     include_checkpoint: Annotated[bool, typer.Option(help="Ship the PyTorch checkpoint in the bundle (checkpoint.pt) so sites can fine-tune it.")] = False,
+    report: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False, help="report.json of `strokeseg evaluate` runs of this model: their summaries go on the card (repeatable).")] = None,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic slice count; parity with PyTorch checked) as a model bundle."""
     _need_training_extra()
@@ -260,7 +261,11 @@ def export(
     net, record = load_checkpoint(checkpoint)
     training_json = checkpoint.parent / "training.json"
     training = json.loads(training_json.read_text()) if training_json.is_file() else {}
-    measured = json.loads(metrics.read_text()) if metrics else None
+    measured: dict[str, Any] | None = json.loads(metrics.read_text()) if metrics else None
+    if report:
+        measured = {**(measured or {}), "evaluation": {
+            path.parent.name: card_summary(json.loads(path.read_text())) for path in report
+        }}
     try:
         write_bundle(
             net, out, name=name, version=version, record=record, training=training,
@@ -274,6 +279,29 @@ def export(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"wrote {out}")
+
+
+def card_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The model-card digest of one ``strokeseg evaluate`` report (overall figures)."""
+    overall = report["summary"]["overall"]
+    agreement = overall.get("bland_altman") or {}
+
+    def r(value: Any, digits: int) -> Any:
+        return round(float(value), digits) if isinstance(value, int | float) else value
+
+    return {
+        "data": report.get("context", {}).get("command", ""),
+        "studies": overall.get("n"),
+        "studies_with_lesion": overall.get("n_with_lesion"),
+        "dice_median": r(overall.get("dice_median"), 3),
+        "dice_iqr": [r(overall.get("dice_q1"), 3), r(overall.get("dice_q3"), 3)],
+        "abs_volume_error_ml_median": r(overall.get("abs_volume_difference_ml_median"), 2),
+        "lesion_f1_pooled": r(overall.get("lesion_f1_pooled"), 3),
+        "false_positive_lesions": overall.get("lesion_fp"),
+        "volume_bias_ml": r(agreement.get("bias"), 2),
+        "volume_loa_ml": [r(agreement.get("loa_low"), 2), r(agreement.get("loa_high"), 2)],
+        "false_positive_ml_lesion_free_max": r(overall.get("false_positive_ml_lesion_free_max"), 2),
+    }
 
 
 def evaluate(

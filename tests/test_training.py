@@ -184,6 +184,13 @@ def test_evaluate_writes_report(cases: Path, tmp_path: Path) -> None:
     assert len(report["cases"]) == 5
     assert (tmp_path / "report" / "bland_altman.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "By volume class" in (tmp_path / "report" / "report.md").read_text()
+    # What `strokeseg export --report` puts on a model card.
+    from models.cli import card_summary
+
+    digest = card_summary(report)
+    assert digest["studies"] == 5
+    assert digest["dice_median"] == round(report["summary"]["overall"]["dice_median"], 3)
+    assert digest["data"] == report["context"]["command"]
 
 
 def test_train_refuses_a_folder_without_cases(tmp_path: Path) -> None:

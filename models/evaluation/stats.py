@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,7 +162,7 @@ def bland_altman_plot(
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     ax.set_xlabel("mean of predicted and truth lesion volume (mL)")
     ax.set_ylabel("predicted - truth lesion volume (mL)")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,11 @@ def _overall(report: dict[str, Any]) -> dict[str, Any]:
         "dice_q3": o.get("dice_q3"),
         "lesion_f1": o.get("lesion_f1_pooled"),
         "abs_volume_difference_ml_median": o.get("abs_volume_difference_ml_median"),
+        "lesion_fp": o.get("lesion_fp"),
+        "bland_altman": o.get("bland_altman"),
+        "studies_off_by_10ml": sum(
+            1 for row in report["cases"] if abs(row["volume_difference_ml"]) > 10.0
+        ),
     }
 
 
@@ -234,26 +239,34 @@ def _f(value: float | None, digits: int = 3) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """Three tables (Dice; lesion detection; volume agreement), the tests, the curve."""
     t = results["table"]
-    lines = [
-        "| model (trained on) | test A | test B | test C |",
-        "|---|---|---|---|",
-    ]
     labels = {
-        "vendorA": "A (source)", "vendorB": "B (source)",
+        "vendorA": "A", "vendorB": "B",
         "vendorA-ft-B": "A, fine-tuned on B", "vendorB-ft-A": "B, fine-tuned on A",
     }
-    for name, label in labels.items():
-        cells = []
-        for d in ("A", "B", "C"):
-            r = t[name].get(d)
-            cells.append(
-                "-" if r is None else
-                f"{_f(r['dice_median'])} [{_f(r['dice_q1'])}-{_f(r['dice_q3'])}], "
-                f"F1 {_f(r['lesion_f1'], 2)}, abs dV {_f(r['abs_volume_difference_ml_median'], 2)} mL"
-            )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| test | statistic | p |", "|---|---|---|"]
+    views = {
+        "Median Dice [IQR] (studies with a lesion)": lambda r: (
+            f"{_f(r['dice_median'])} [{_f(r['dice_q1'])}-{_f(r['dice_q3'])}]"
+        ),
+        "Lesion-wise F1 (false-positive components, all studies)": lambda r: (
+            f"{_f(r['lesion_f1'], 2)} ({r['lesion_fp']})"
+        ),
+        "Volume: median abs error (mL); Bland-Altman bias [95 % LoA] (mL); studies > 10 mL off": lambda r: (
+            f"{_f(r['abs_volume_difference_ml_median'], 2)}; "
+            f"{_f((r.get('bland_altman') or {}).get('bias'), 1)} "
+            f"[{_f((r.get('bland_altman') or {}).get('loa_low'), 1)}, "
+            f"{_f((r.get('bland_altman') or {}).get('loa_high'), 1)}]; {r['studies_off_by_10ml']}"
+        ),
+    }
+    lines: list[str] = []
+    for heading, cell in views.items():
+        lines += [f"**{heading}**", "", "| trained on | test A | test B | test C |", "|---|---|---|---|"]
+        for name, label in labels.items():
+            row = [cell(t[name][d]) if d in t[name] else "-" for d in ("A", "B", "C")]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["| test | statistic | p |", "|---|---|---|"]
     for label, r in results["tests"].items():
         if "error" in r:
             lines.append(f"| {label} | - | {r['error']} |")
