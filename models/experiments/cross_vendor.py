@@ -60,7 +60,11 @@ TEST_SEEDS = {"A": 1102, "B": 1202, "C": 1302}
 
 
 class Experiment:
-    def __init__(self, out: Path, scale: Scale, threads: int, workers: int) -> None:
+    def __init__(
+        self, out: Path, scale: Scale, threads: int, workers: int, arch_args: tuple[str, ...] = ()
+    ) -> None:
+        self.arch_args = arch_args
+        self.arch_name = arch_args[1] if arch_args else "unet2d"
         self.out = out
         self.scale = scale
         self.threads = threads
@@ -107,7 +111,7 @@ class Experiment:
         self.run(
             "train", data, "--out", run, "--epochs", s.epochs, "--patience", s.patience,
             "--min-steps-per-epoch", s.min_steps, "--seed", 0, "--threads", self.threads,
-            "--cache-dir", self.out / "cache", "--no-progress", *extra,
+            "--cache-dir", self.out / "cache", "--no-progress", *self.arch_args, *extra,
             creates=run / "training.json",
         )
         return run
@@ -128,7 +132,7 @@ class Experiment:
     def export(self, name: str, run: Path) -> Path:
         bundle = self.out / "bundles" / name
         self.run(
-            "export", run / "best.pt", "--out", bundle, "--name", f"unet2d-{name}",
+            "export", run / "best.pt", "--out", bundle, "--name", f"{self.arch_name}-{name}",
             "--version", "0.0.0-experiment", creates=bundle / "SHA256SUMS",
         )
         return bundle
@@ -166,10 +170,12 @@ def _by_case(report: dict[str, Any], field: str = "dice") -> dict[str, float]:
     }
 
 
-def run_experiment(out: Path, scale: Scale, threads: int, workers: int) -> dict[str, Any]:
+def run_experiment(
+    out: Path, scale: Scale, threads: int, workers: int, arch_args: tuple[str, ...] = ()
+) -> dict[str, Any]:
     from models.evaluation.stats import mann_whitney_u, wilcoxon_signed_rank
 
-    ex = Experiment(out, scale, threads, workers)
+    ex = Experiment(out, scale, threads, workers, arch_args)
     s = scale
     train = {d: ex.data(d, "train", s.train_cases) for d in ("A", "B")}
     test = {d: ex.data(d, "test", s.test_cases) for d in ("A", "B", "C")}
@@ -211,12 +217,13 @@ def run_experiment(out: Path, scale: Scale, threads: int, workers: int) -> dict[
     training = {
         name: json.loads((run / "training.json").read_text()) for name, run in runs.items()
     }
-    curve = [
+    curve: list[dict[str, Any]] = [
         {"n_training_studies": training[f"vendorA-n{n}"]["n_training_studies"],
          **table[f"vendorA-n{n}"]["A"]}
         for n in s.curve_sizes
     ] + [{"n_training_studies": training["vendorA"]["n_training_studies"], **table["vendorA"]["A"]}]
     results = {
+        "architecture": " ".join(arch_args) or "--arch unet2d",
         "scale": {k: getattr(s, k) for k in s.__slots__},
         "table": table,
         "tests": tests,
@@ -312,16 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes writing phantoms")
     parser.add_argument("--epochs", type=int, help="training epochs (default 20)")
     parser.add_argument(
-        "--curve-sizes", help="training-size curve sizes, comma-separated (default 6,18)"
+        "--curve-sizes", help="training-size curve sizes, comma-separated (default 6,18; 0 = none)"
     )
+    parser.add_argument("--arch", default="unet2d", help="architecture (strokeseg train --arch)")
+    parser.add_argument("--width", type=int, help="first-level channels (strokeseg train --width)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     scale = QUICK if args.quick else Scale()
     if args.epochs:
         scale = replace(scale, epochs=args.epochs)
     if args.curve_sizes:
-        scale = replace(scale, curve_sizes=tuple(int(n) for n in args.curve_sizes.split(",")))
-    run_experiment(args.out, scale, args.threads, args.workers)
+        sizes = tuple(int(n) for n in args.curve_sizes.split(",") if int(n) > 0)
+        scale = replace(scale, curve_sizes=sizes)
+    arch_args = ("--arch", args.arch) + (("--width", str(args.width)) if args.width else ())
+    run_experiment(args.out, scale, args.threads, args.workers, arch_args)
     return 0
 
 
