@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from models.architectures.unet2d import SigmoidHead
+from service.inference.card import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +108,6 @@ def check_parity(
     return worst
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, as the service checks it (service.inference.card.sha256_of)."""
-    from service.inference.card import sha256_of
-
-    return sha256_of(path)
-
-
 def export_network(net: torch.nn.Module, path: Path, *, matrix: tuple[int, int]) -> float:
     """Export any registered architecture and return its ONNX/PyTorch parity.
 
@@ -186,7 +180,7 @@ def write_bundle(
             "parameters": count_parameters(net),
         },
         "file": "model.onnx",
-        "sha256": sha256_file(onnx_path),
+        "sha256": sha256_of(onnx_path),
         "opset": OPSET,
         "input": {
             "name": INPUT_NAME,
@@ -225,6 +219,6 @@ def write_bundle(
     if checkpoint is not None:
         shutil.copyfile(checkpoint, out_dir / "checkpoint.pt")
         files.append("checkpoint.pt")
-    sums = "".join(f"{sha256_file(out_dir / f)}  {f}\n" for f in files)
+    sums = "".join(f"{sha256_of(out_dir / f)}  {f}\n" for f in files)
     (out_dir / "SHA256SUMS").write_text(sums)
     return out_dir

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 
 from pydicom import dcmread
@@ -21,7 +22,7 @@ from service.config import DeriveSettings, Destination, Settings
 from service.db import Database, JobStore, JobSummary
 from service.db.commitment import CommitmentStore
 from service.db.models import utcnow
-from service.deliver import StoreOutcome, store_objects
+from service.deliver import StoreOutcome, record_store_attempt, store_objects
 from service.deliver.commitment import CommitmentRequest, request_commitment
 from service.derive import AlgorithmInfo, GridGeometry, compute_lesion_findings, write_results
 from service.domain import DiffusionStudy, JobState, LesionSegmentation, ResultObject
@@ -138,6 +139,7 @@ class WorkerContext:
             commitments=CommitmentStore(db),
         )
 
+    @cached_property
     def router(self) -> ModelRouter:
         """Vendor -> model routing from the settings; models load once per process."""
         return model_router(self.settings)
@@ -154,40 +156,14 @@ def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> li
             )
         except DeliveryError as exc:
             problems.append(str(exc))
-            for obj in wanted:
-                ctx.store.record_delivery(
-                    job_id,
-                    destination=destination.name,
-                    kind=obj.kind,
-                    sop_class_uid=obj.sop_class_uid,
-                    sop_instance_uid=obj.sop_instance_uid,
-                    path=str(obj.path),
-                    status="failed",
-                    status_code=None,
-                    detail=str(exc),
-                )
-            metrics.DELIVERIES.labels(destination=destination.name, status="failed").inc(
-                len(wanted)
-            )
+            record_store_attempt(ctx.store, job_id, destination.name, wanted, None, error=str(exc))
             continue
-        for outcome in outcomes:
-            status = "stored" if outcome.stored else "failed"
-            ctx.store.record_delivery(
-                job_id,
-                destination=destination.name,
-                kind=outcome.obj.kind,
-                sop_class_uid=outcome.obj.sop_class_uid,
-                sop_instance_uid=outcome.obj.sop_instance_uid,
-                path=str(outcome.obj.path),
-                status=status,
-                status_code=outcome.status_code,
-                detail=outcome.detail,
-            )
-            metrics.DELIVERIES.labels(destination=destination.name, status=status).inc()
-            if not outcome.stored:
-                problems.append(
-                    f"destination {destination.name}: {outcome.obj.kind} not stored ({outcome.detail})"
-                )
+        record_store_attempt(ctx.store, job_id, destination.name, wanted, outcomes)
+        problems += [
+            f"destination {destination.name}: {o.obj.kind} not stored ({o.detail})"
+            for o in outcomes
+            if not o.stored
+        ]
         stored = [o.obj for o in outcomes if o.stored]
         if stored and destination.storage_commitment:
             _request_commitment(ctx, job_id, destination, stored)
@@ -280,7 +256,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
             log.info("job %d: re-delivering the results of its previous attempt", job_id, extra=extra)
         else:
             paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
-            model = ctx.router()
+            model = ctx.router
             previous = ctx.store.previous_result(job_id)
             previous_reports = (
                 sorted(Path(previous.result_dir).glob("SR_*.dcm")) if previous and previous.result_dir else []

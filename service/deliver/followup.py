@@ -57,6 +57,7 @@ from service.deliver.commitment import (
     new_transaction_uid,
     request_commitment,
 )
+from service.deliver.record import record_store_attempt
 from service.deliver.storescu import store_objects
 from service.domain import ResultObject
 from service.errors import DeliveryError
@@ -224,30 +225,11 @@ class CommitmentFollowUp:
             self.commitments.record_action(
                 new_uid, status_code=None, accepted=False, detail=f"re-send failed: {exc}"
             )
-            metrics.DELIVERIES.labels(destination=destination.name, status="failed").inc(len(todo))
-            if txn.job_id is not None:
-                for obj in objects:
-                    self.jobs.record_delivery(
-                        txn.job_id, destination=destination.name, kind=obj.kind,
-                        sop_class_uid=obj.sop_class_uid, sop_instance_uid=obj.sop_instance_uid,
-                        path=str(obj.path), status="failed", status_code=None, detail=f"{label}: {exc}",
-                    )
+            record_store_attempt(
+                self.jobs, txn.job_id, destination.name, objects, None, error=str(exc), label=label
+            )
             return
-        for outcome in outcomes:
-            status = "stored" if outcome.stored else "failed"
-            metrics.DELIVERIES.labels(destination=destination.name, status=status).inc()
-            if txn.job_id is not None:
-                self.jobs.record_delivery(
-                    txn.job_id,
-                    destination=destination.name,
-                    kind=outcome.obj.kind,
-                    sop_class_uid=outcome.obj.sop_class_uid,
-                    sop_instance_uid=outcome.obj.sop_instance_uid,
-                    path=str(outcome.obj.path),
-                    status=status,
-                    status_code=outcome.status_code,
-                    detail=f"{label}: {outcome.detail}",
-                )
+        record_store_attempt(self.jobs, txn.job_id, destination.name, objects, outcomes, label=label)
         not_stored = [o for o in outcomes if not o.stored]
         if not_stored:
             self.commitments.record_action(

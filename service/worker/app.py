@@ -73,7 +73,7 @@ def _after_fork(**_: Any) -> None:
     global _context
     _context = None  # never share DB connections or ONNX sessions across a fork
     try:  # load every routed model now: warm for the first study, bad bundles found early
-        for model in worker_context().router().preload():
+        for model in worker_context().router.preload():
             log.info("model %s %s warm (%s)", model.card.name, model.card.version, model.provider)
     except Exception:
         log.exception("could not preload the models; jobs will report the error")
