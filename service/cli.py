@@ -278,6 +278,7 @@ def segment(
             result = segment_files(
                 paths, model, out, settings.preprocess.profile_options(), settings.derive,
                 overlay=overlay or settings.overlay_enabled,
+                assess_settings=settings.assess,
             )
         except StrokesegError as exc:
             bad += 1
@@ -291,7 +292,10 @@ def segment(
             log.exception("study failed")
             typer.echo(f"{study_uid}\tfailed\tinternal error: {type(exc).__name__}: {exc}")
             continue
-        typer.echo(f"{study_uid}\tok\t{result.segmentation.lesion_volume_ml:.2f} mL")
+        line = f"{study_uid}\tok\t{result.segmentation.lesion_volume_ml:.2f} mL"
+        if result.validity is not None and not result.validity.within:
+            line += f"\t{result.validity.summary()}"
+        typer.echo(line)
     raise typer.Exit(1 if bad else 0)
 
 

@@ -70,7 +70,77 @@ class DeriveSettings(_Section):
         description="ADC core counts only 6-connected low-ADC clusters of at least this volume "
         "(mL; removes noise voxels before the cut-off comparisons); 0 = every voxel.",
     )
+    core_scope: Literal["lesion", "brain"] = Field(
+        "lesion",
+        description="Where the ADC core is counted: lesion = inside the reported (restricted-"
+        "diffusion) lesion; brain = every brain voxel (whole-brain ADC < threshold counts "
+        "normal white-matter tracts and skull-base voxels on real scans).",
+    )
     overlay: OverlaySettings = OverlaySettings()
+
+
+class RestrictionGuardSettings(_Section):
+    """The restricted-diffusion guard: a predicted component counts as lesion only if its
+    ADC is low in absolute terms *and* relative to normal-appearing brain.
+
+    Defaults: acute infarcts have a mean ADC of about 400-600 x 1e-6 mm2/s and a relative
+    ADC (rADC) of about 0.5-0.75 (Schlaug 1997; Fiebach 2002; Purushotham 2015, whose voxel
+    thresholds are ADC < 620 and rADC < 0.62).  A component's *mean* includes partial-volume
+    voxels at its edge, so the component limits sit above those voxel thresholds; normal grey
+    and white matter (rADC ~0.9-1.1), T2 shine-through and chronic lesions (rADC >= 1) fail.
+    """
+
+    enabled: bool = True
+    max_mean_adc: float = Field(
+        750.0, gt=0, description="A lesion's mean ADC must be below this (1e-6 mm2/s)."
+    )
+    max_relative_adc: float = Field(
+        0.85, gt=0, description="A lesion's mean ADC / normal-appearing brain median ADC must be below this."
+    )
+
+
+class ValiditySettings(_Section):
+    """The range the served model was validated on; a result outside it says so."""
+
+    b_value_range: tuple[float, float] = Field(
+        (900.0, 1600.0), description="Acquired b-values (s/mm2) validated on real scans."
+    )
+    slice_spacing_range_mm: tuple[float, float] = Field(
+        (1.5, 7.0), description="Centre-to-centre slice spacing (mm) validated."
+    )
+    min_coverage_mm: float = Field(
+        80.0, ge=0, description="Slab extent along the slice normal (mm) below which the brain is not covered."
+    )
+    min_snr: float = Field(
+        6.0, ge=0, description="Brain median over the noise estimate of the high-b trace."
+    )
+    adc_median_range: tuple[float, float] = Field(
+        (600.0, 1100.0),
+        description="Plausible median ADC of the brain at b=1000 (1e-6 mm2/s); scaled for other b.",
+    )
+    max_lesion_brain_fraction: float = Field(
+        0.25, gt=0, le=1, description="A lesion covering more of the brain than this is implausible."
+    )
+    symmetric_min_ml: float = Field(
+        5.0, ge=0, description="Bilateral symmetric pattern check applies from this lesion volume (mL)."
+    )
+    symmetric_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="Share of the lesion mirrored by lesion across the midline that marks a "
+        "symmetric (ribbon/artefact) pattern.",
+    )
+
+
+class AssessSettings(_Section):
+    """Checks on every result before it is written: the guard and the domain of validity."""
+
+    restriction: RestrictionGuardSettings = RestrictionGuardSettings()
+    validity: ValiditySettings = ValiditySettings()
+    outside_range_policy: Literal["deliver", "hold"] = Field(
+        "deliver",
+        description="deliver = send out-of-range results flagged; hold = keep them back "
+        "(job state held) until an operator releases them.",
+    )
 
 
 class DeliverySettings(_Section):
@@ -184,6 +254,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     delivery: DeliverySettings = DeliverySettings()
     derive: DeriveSettings = DeriveSettings()
+    assess: AssessSettings = AssessSettings()
     spool_dir: Path = Path("var/strokeseg")
     database_url: str = ""
     broker_url: str = ""

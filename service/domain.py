@@ -175,3 +175,76 @@ class ResultObject:
             sop_instance_uid=str(ds.SOPInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DiffusionMimic:
+    """A component the network called lesion that is *not* restricted diffusion.
+
+    An acute infarct is bright on DWI **and** dark on ADC.  A DWI-bright
+    component whose ADC is normal or high is T2 shine-through, a chronic or
+    subacute lesion, or an artefact (susceptibility pile-up, ghost, cortical
+    ribbon); one outside the brain mask is never a lesion.  Such components
+    are excluded from the lesion volume and listed in the SR instead, so the
+    radiologist sees what the network saw and why it was not counted.
+    ``mean_adc`` in 1e-6 mm2/s, ``relative_adc`` = mean ADC / the median ADC
+    of normal-appearing brain; ``reason`` is operator-readable text.
+    """
+
+    volume_ml: float
+    mean_adc: float | None
+    relative_adc: float | None
+    centroid_mm: Vector3
+    first_slice: int
+    last_slice: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not self.volume_ml > 0:
+            raise ValueError("a mimic has a positive volume")
+        if not 0 <= self.first_slice <= self.last_slice:
+            raise ValueError("first_slice must be >= 0 and <= last_slice")
+        if not self.reason:
+            raise ValueError("a mimic needs the reason it was not counted")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainOfValidity:
+    """Whether a result lies inside the range the model was validated on, and why not.
+
+    ``reasons`` is empty for a result within the validated range; otherwise
+    each entry is one operator-readable reason (b-value, slice spacing,
+    coverage, SNR, ADC plausibility, implausible lesion pattern).  An
+    out-of-range result is still a result, but the SR says so first, the
+    overlay label says so, the DB records it, and a site policy may hold it
+    back (``assess.outside_range_policy``).  ``notes`` are facts worth
+    reporting that do not put the result outside the range (e.g. "b=1500
+    harmonised to a b=1000-equivalent trace").  ``adc_core_threshold`` is
+    the ADC core threshold actually used (1e-6 mm2/s), calibrated for the
+    acquired b-value.
+    """
+
+    reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    b_value: float = 1000.0
+    adc_core_threshold: float = 620.0
+    measures: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(not r for r in self.reasons):
+            raise ValueError("validity reasons must be non-empty text")
+
+    @property
+    def within(self) -> bool:
+        return not self.reasons
+
+    @property
+    def status(self) -> str:
+        """``within`` or ``outside`` (what the DB and ``strokeseg jobs`` show)."""
+        return "within" if self.within else "outside"
+
+    def summary(self) -> str:
+        """One line for the SR, the overlay label and the job record."""
+        if self.within:
+            return "within the model's validated range"
+        return "OUTSIDE VALIDATED RANGE: " + "; ".join(self.reasons)

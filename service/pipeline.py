@@ -18,18 +18,31 @@ from pathlib import Path
 from pydicom import dcmread
 
 from service import metrics
-from service.config import DeriveSettings, Destination, Settings
+from service.assess import Assessment, AssessOptions, RestrictionLimits, ValidityLimits, assess
+from service.config import AssessSettings, DeriveSettings, Destination, Settings
 from service.db import Database, JobStore, JobSummary
 from service.db.commitment import CommitmentStore
 from service.db.models import utcnow
 from service.deliver import StoreOutcome, record_store_attempt, store_objects
 from service.deliver.commitment import CommitmentRequest, request_commitment
-from service.derive import AlgorithmInfo, GridGeometry, compute_lesion_findings, write_results
-from service.domain import DiffusionStudy, JobState, LesionSegmentation, ResultObject
+from service.derive import (
+    AlgorithmInfo,
+    GridGeometry,
+    LesionFindings,
+    compute_lesion_findings,
+    write_results,
+)
+from service.domain import (
+    DiffusionStudy,
+    DomainOfValidity,
+    JobState,
+    LesionSegmentation,
+    ResultObject,
+)
 from service.errors import DeliveryError, GeometryError, StudyRefused
 from service.inference import LoadedModel, ModelRouter, segment_lesion
 from service.intake import load_study
-from service.preprocess import ProfileOptions, brain_mask
+from service.preprocess import HARMONISING_PROFILES, ProfileOptions, brain_mask
 from service.scp.commitment import report_handlers
 from service.storage import Spool
 
@@ -42,6 +55,8 @@ class StudyResult:
     segmentation: LesionSegmentation
     objects: list[ResultObject]
     inference_s: float
+    validity: DomainOfValidity | None = None
+    findings: LesionFindings | None = None
 
 
 def algorithm_of(model: LoadedModel) -> AlgorithmInfo:
@@ -49,6 +64,31 @@ def algorithm_of(model: LoadedModel) -> AlgorithmInfo:
         name=model.card.name,
         version=model.card.version,
         preprocessing_profile=model.card.preprocessing_profile,
+    )
+
+
+def assess_options(settings: AssessSettings, derive: DeriveSettings, model: LoadedModel) -> AssessOptions:
+    """The assess stage's options from the config sections and the model's profile."""
+    restriction = settings.restriction
+    validity = settings.validity
+    return AssessOptions(
+        restriction=RestrictionLimits(
+            max_mean_adc=restriction.max_mean_adc,
+            max_relative_adc=restriction.max_relative_adc,
+            enabled=restriction.enabled,
+        ),
+        validity=ValidityLimits(
+            b_value_range=validity.b_value_range,
+            slice_spacing_range_mm=validity.slice_spacing_range_mm,
+            min_coverage_mm=validity.min_coverage_mm,
+            min_snr=validity.min_snr,
+            adc_median_range=validity.adc_median_range,
+            max_lesion_brain_fraction=validity.max_lesion_brain_fraction,
+            symmetric_min_ml=validity.symmetric_min_ml,
+            symmetric_fraction=validity.symmetric_fraction,
+        ),
+        adc_core_threshold=derive.adc_core_threshold,
+        harmonised=model.card.preprocessing_profile in HARMONISING_PROFILES,
     )
 
 
@@ -61,6 +101,7 @@ def segment_files(
     *,
     overlay: bool = False,
     previous_reports: Sequence[Path] = (),
+    assess_settings: AssessSettings | None = None,
 ) -> StudyResult:
     """Segment one study's files and write SEG + SR (+ overlay) into ``out_dir``.
 
@@ -73,21 +114,29 @@ def segment_files(
     if isinstance(model, ModelRouter):
         model = model.select(study.manufacturer)
     started = time.perf_counter()
-    segmentation = segment_lesion(study, model, options)
+    network = segment_lesion(study, model, options)
     inference_s = time.perf_counter() - started
     metrics.INFERENCE_SECONDS.labels(model=model.card.name, provider=model.provider).observe(
         inference_s
     )
+    assessment: Assessment = assess(
+        study, network, brain_mask(study.dwi),
+        assess_options(assess_settings or AssessSettings(), derive, model),
+    )
+    segmentation = assessment.segmentation
     try:
         findings = compute_lesion_findings(
             segmentation.mask,
             segmentation.probability,
             study.adc.voxels,
-            brain_mask(study.dwi),
+            assessment.brain_mask,
             GridGeometry.from_volume(study.dwi),
             input_quality="; ".join(study.notes),
-            adc_core_threshold=derive.adc_core_threshold,
+            adc_core_threshold=assessment.validity.adc_core_threshold,
             core_min_cluster_ml=derive.core_min_cluster_ml,
+            mimics=assessment.mimics,
+            validity=assessment.validity,
+            core_region=segmentation.mask if derive.core_scope == "lesion" else None,
         )
         objects = write_results(
             [frame.path for frame in study.dwi_sources],
@@ -106,7 +155,7 @@ def segment_files(
         )
     except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
         raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
-    return StudyResult(study, segmentation, objects, inference_s)
+    return StudyResult(study, segmentation, objects, inference_s, assessment.validity, findings)
 
 
 def model_router(settings: Settings) -> ModelRouter:
@@ -269,6 +318,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
                 ctx.settings.derive,
                 overlay=ctx.settings.overlay_enabled,
                 previous_reports=previous_reports,
+                assess_settings=ctx.settings.assess,
             )
             objects = result.objects
             fields.update(

@@ -71,7 +71,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from service.domain import ImageVolume, Vector3
+from service.domain import DiffusionMimic, DomainOfValidity, ImageVolume, Vector3
 
 __all__ = [
     "ADC_CORE_THRESHOLD",
@@ -284,6 +284,10 @@ class LesionFindings:
     borderline_range: tuple[float, float] = BORDERLINE_PROBABILITY
     #: Smallest ADC-core cluster counted in ``adc_core_volume_ml`` (0: every voxel).
     core_min_cluster_ml: float = 0.0
+    #: Components the restricted-diffusion guard set aside (not in the lesion volume).
+    mimics: tuple[DiffusionMimic, ...] = ()
+    #: Whether the result lies inside the model's validated range (None: not assessed).
+    validity: DomainOfValidity | None = None
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or min(self.shape) < 1:
@@ -375,6 +379,9 @@ def compute_lesion_findings(
     adc_core_threshold: float = ADC_CORE_THRESHOLD,
     borderline_range: tuple[float, float] = BORDERLINE_PROBABILITY,
     core_min_cluster_ml: float = CORE_MIN_CLUSTER_ML,
+    mimics: Sequence[DiffusionMimic] = (),
+    validity: DomainOfValidity | None = None,
+    core_region: npt.ArrayLike | None = None,
 ) -> LesionFindings:
     """Measure ``mask`` (the model's lesion mask) as the module docstring defines.
 
@@ -384,7 +391,13 @@ def compute_lesion_findings(
     is a short free-text flag for the report (e.g. intake notes); it must
     not contain patient identifiers.  ``core_min_cluster_ml`` is the
     smallest 6-connected cluster of low-ADC voxels counted as core (0: count
-    every voxel).
+    every voxel).  ``core_region`` (boolean, same grid), when given,
+    restricts the core to those voxels: the service passes the lesion mask
+    (``derive.core_scope: lesion``), because on real healthy scans a
+    whole-brain ADC < 620 count is not zero (measured 0-20 mL on the six
+    scans in realdata/healthy: white-matter tracts, cerebellum and skull-base
+    voxels at b=1000-1500), and a core outside any DWI lesion is not an
+    acute infarct core.
 
     Raises
     ------
@@ -429,8 +442,11 @@ def compute_lesion_findings(
             "the ADC must be in 1e-6 mm2/s (brain tissue is ~700-900)"
         )
     voxel_ml = geometry.voxel_volume_ml
+    core_candidates = brain & adc_valid & (adc_values < adc_core_threshold)
+    if core_region is not None:
+        core_candidates &= _as_mask(core_region, "core_region", shape)
     core_voxels = _core_voxel_count(
-        brain & adc_valid & (adc_values < adc_core_threshold),
+        core_candidates,
         min_cluster_voxels=math.ceil(core_min_cluster_ml / voxel_ml - 1e-9),
     )
 
@@ -489,6 +505,8 @@ def compute_lesion_findings(
         adc_core_threshold=float(adc_core_threshold),
         borderline_range=(low, high),
         core_min_cluster_ml=float(core_min_cluster_ml),
+        mimics=tuple(mimics),
+        validity=validity,
     )
     logger.debug(
         "lesion findings computed",

@@ -10,11 +10,13 @@ from service.preprocess.grid import (
 )
 from service.preprocess.profiles import (
     DEFAULT_PROFILE,
+    HARMONISING_PROFILES,
     PROFILES,
     ProfileOptions,
     VendorWindow,
     VendorWindows,
     Window,
+    b1000_equivalent,
     brain_mask,
     histogram_peak_normalise,
     n4_correct,
@@ -22,6 +24,7 @@ from service.preprocess.profiles import (
 
 __all__ = [
     "DEFAULT_PROFILE",
+    "HARMONISING_PROFILES",
     "PROFILES",
     "ModelGrid",
     "ModelInput",
@@ -29,6 +32,7 @@ __all__ = [
     "VendorWindow",
     "VendorWindows",
     "Window",
+    "b1000_equivalent",
     "brain_mask",
     "histogram_peak_normalise",
     "model_grid_for",

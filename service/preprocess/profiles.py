@@ -13,13 +13,21 @@ the native grid, before resampling to the model grid.
 * ``alis-window-v1`` (Alis et al. 2020): per-vendor windows for DWI and ADC,
   selected by Manufacturer from a site-editable table
   (:class:`VendorWindows`), mapped to 0..1.
+
+Each profile also exists as a ``b1000eq-`` variant (``b1000eq-median-adc-fixed-v2``,
+``noh-b1000eq-n4-histpeak-v2``, ``alis-b1000eq-window-v2``) that first turns the
+acquired trace into a b=1000-equivalent one (:func:`b1000_equivalent`), so the
+network always sees the contrast it was trained on whatever b the scanner used:
+on real healthy scans the phantom-trained model's false-positive volume grew with
+b (b=1500: 115-122 mL; b=2500: 371-591 mL), because a higher b darkens normal
+tissue and leaves every bright structure relatively brighter.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -185,8 +193,49 @@ def alis_window_v1(study: DiffusionStudy, options: ProfileOptions) -> tuple[Arra
     return window.dwi.apply(study.dwi.voxels), window.adc.apply(study.adc.voxels)
 
 
+# -- b=1000-equivalent harmonisation ----------------------------------------------
+
+#: The b-value every ``b1000eq-`` profile brings the trace to (s/mm2).
+HARMONISED_B_VALUE = 1000.0
+#: Free water at body temperature (1e-6 mm2/s); no tissue diffuses faster.
+MAX_PHYSICAL_ADC = 3000.0
+
+
+def b1000_equivalent(study: DiffusionStudy) -> ImageVolume:
+    """The trace the scanner would have measured at b=1000: S_b exp((b - 1000) ADC).
+
+    With S_b = S0 exp(-b ADC) this is S0 exp(-1000 ADC), computed from the
+    acquired pair (trace and ADC on one grid) without needing S0 itself.  The
+    ADC is clipped to 0..3000 x 1e-6 mm2/s (free water), so fluid whose
+    high-b signal sits at the noise floor is not extrapolated into a bright
+    artefact; a missing ADC (0) leaves the voxel as acquired.  At b=1000 this
+    is the identity.
+    """
+    adc_mm2_s = np.clip(np.nan_to_num(study.adc.voxels, nan=0.0), 0.0, MAX_PHYSICAL_ADC) * 1e-6
+    factor = np.exp((float(study.b_value) - HARMONISED_B_VALUE) * adc_mm2_s)
+    return study.dwi.with_voxels((study.dwi.voxels * factor).astype(np.float32))
+
+
+def harmonised(profile: Profile) -> Profile:
+    """``profile`` applied to the b=1000-equivalent trace of the study."""
+
+    def run(study: DiffusionStudy, options: ProfileOptions) -> tuple[Array, Array]:
+        return profile(replace(study, dwi=b1000_equivalent(study)), options)
+
+    run.__doc__ = f"b=1000-equivalent trace, then {profile.__name__}."
+    return run
+
+
 PROFILES: dict[str, Profile] = {
     DEFAULT_PROFILE: dwi_median_adc_fixed_v1,
     "noh-n4-histpeak-v1": noh_n4_histpeak_v1,
     "alis-window-v1": alis_window_v1,
+    "b1000eq-median-adc-fixed-v2": harmonised(dwi_median_adc_fixed_v1),
+    "noh-b1000eq-n4-histpeak-v2": harmonised(noh_n4_histpeak_v1),
+    "alis-b1000eq-window-v2": harmonised(alis_window_v1),
 }
+
+#: Profiles whose network input is a b=1000-equivalent trace.
+HARMONISING_PROFILES: frozenset[str] = frozenset(
+    name for name in PROFILES if "b1000eq" in name
+)

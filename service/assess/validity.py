@@ -1,0 +1,197 @@
+"""Domain of validity: is this result inside the range the model was validated on?
+
+A hospital would rather read "outside validated range" than a confident wrong
+number.  Every result is checked against the acquisition range the served
+model was validated on (b-value, slice spacing, coverage, SNR), the
+plausibility of its ADC map, and patterns no real infarct makes (a lesion
+covering a large share of the brain, a bilateral mirror-symmetric pattern such
+as the cortical ribbon).  The result stays a result; :class:`DomainOfValidity`
+carries the reasons to the SR, the overlay, the DB and the hold-back policy.
+
+b-value dependence.  The ADC falls with b because brain diffusion is not
+mono-exponential (diffusional kurtosis K ~ 0.8 in brain, Jensen et al. 2005):
+ADC(b) ~ ADC(1000) * (1 - K * ADC * (b - 1000) / 6).  With ADC ~ 0.8e-3 mm2/s
+that is about -1.07 % per 100 s/mm2 above b=1000 (measured here on a real
+Canon b=1500 scan: normal-brain median 762 against 789-804 on the b=1000
+scans, -3.5 %; the formula gives -5.3 %).  The ADC core threshold (620, a
+b~1000 number) and the plausible-ADC range are scaled by that factor, and the
+SR says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from service.domain import DiffusionStudy, DomainOfValidity, LesionSegmentation
+
+log = logging.getLogger(__name__)
+
+#: Typical brain diffusional kurtosis and ADC (mm2/s) behind :func:`adc_b_factor`.
+BRAIN_KURTOSIS = 0.8
+BRAIN_ADC_MM2_S = 0.8e-3
+REFERENCE_B_VALUE = 1000.0
+#: |b - 1000| up to this counts as "about 1000": nothing is scaled or flagged.
+B1000_TOLERANCE = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class ValidityLimits:
+    """The validated range (see :class:`service.config.ValiditySettings`)."""
+
+    b_value_range: tuple[float, float] = (900.0, 1600.0)
+    slice_spacing_range_mm: tuple[float, float] = (1.5, 7.0)
+    min_coverage_mm: float = 80.0
+    min_snr: float = 6.0
+    adc_median_range: tuple[float, float] = (600.0, 1100.0)
+    max_lesion_brain_fraction: float = 0.25
+    symmetric_min_ml: float = 5.0
+    symmetric_fraction: float = 0.5
+
+
+def adc_b_factor(b_value: float) -> float:
+    """Expected ADC(b) / ADC(1000) of normal brain (kurtosis model, module docstring)."""
+    if abs(b_value - REFERENCE_B_VALUE) <= B1000_TOLERANCE:
+        return 1.0
+    factor = 1.0 - BRAIN_KURTOSIS * BRAIN_ADC_MM2_S * (b_value - REFERENCE_B_VALUE) / 6.0
+    return float(min(max(factor, 0.6), 1.1))
+
+
+def core_threshold_for_b(threshold_b1000: float, b_value: float) -> float:
+    """The ADC core threshold calibrated for the acquired b-value."""
+    return threshold_b1000 * adc_b_factor(b_value)
+
+
+def trace_snr(dwi: npt.NDArray[np.float32], brain: npt.NDArray[np.bool_]) -> float | None:
+    """Brain median of the trace over a robust noise estimate (in-plane neighbour differences).
+
+    Background is unusable for noise (many scanners zero it), so the noise is
+    taken inside the brain: the median absolute difference between in-plane
+    neighbours, / (0.6745 * sqrt 2).  Anatomy adds to those differences, so
+    this underestimates the SNR (a conservative figure).
+    """
+    both = brain[:, :, 1:] & brain[:, :, :-1]
+    if both.sum() < 200:
+        return None
+    diffs = (dwi[:, :, 1:] - dwi[:, :, :-1])[both]
+    sigma = float(np.median(np.abs(diffs - np.median(diffs)))) / (0.6745 * math.sqrt(2.0))
+    signal = float(np.median(dwi[brain]))
+    if sigma <= 0:
+        return None
+    return signal / sigma
+
+
+def symmetric_fraction(mask: npt.NDArray[np.bool_], study: DiffusionStudy,
+                       brain: npt.NDArray[np.bool_]) -> float:
+    """Share of lesion voxels whose mirror across the brain's mid-sagittal plane is lesion too.
+
+    The mirror plane is the patient left-right axis (LPS x) through the brain
+    mask's centroid; the mirrored lesion is dilated by one voxel in-plane to
+    forgive a few millimetres of head tilt.
+    """
+    from scipy import ndimage
+
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return 0.0
+    affine = study.dwi.affine()
+    inverse = np.linalg.inv(affine)
+    brain_idx = np.argwhere(brain)
+    centre_x = float((affine[:3, :3] @ brain_idx.mean(axis=0)[::-1] + affine[:3, 3])[0])
+    points = idx[:, ::-1] @ affine[:3, :3].T + affine[:3, 3]
+    points[:, 0] = 2.0 * centre_x - points[:, 0]
+    mirrored = np.rint(points @ inverse[:3, :3].T + inverse[:3, 3]).astype(int)[:, ::-1]
+    shape = np.array(mask.shape)
+    inside = np.all((mirrored >= 0) & (mirrored < shape), axis=1)
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    dilated = ndimage.binary_dilation(mask, structure=structure)
+    hits = dilated[tuple(mirrored[inside].T)]
+    return float(hits.sum()) / float(idx.shape[0])
+
+
+def assess_validity(
+    study: DiffusionStudy,
+    segmentation: LesionSegmentation,
+    brain: npt.NDArray[np.bool_],
+    limits: ValidityLimits = ValidityLimits(),
+    *,
+    harmonised: bool = False,
+    adc_core_threshold: float = 620.0,
+) -> DomainOfValidity:
+    """Check one result against ``limits``; ``harmonised`` says the network saw a b1000-equivalent."""
+    reasons: list[str] = []
+    notes: list[str] = []
+    measures: list[tuple[str, float]] = []
+    b = float(study.b_value)
+    lo, hi = limits.b_value_range
+    if not lo <= b <= hi:
+        reasons.append(f"b={b:g} s/mm2 outside the validated {lo:g}-{hi:g}")
+    if harmonised and abs(b - REFERENCE_B_VALUE) > B1000_TOLERANCE:
+        notes.append(f"b={b:g} trace harmonised to a b=1000-equivalent (S0 exp(-1000 ADC))")
+    factor = adc_b_factor(b)
+    threshold = core_threshold_for_b(adc_core_threshold, b)
+    if factor != 1.0:
+        notes.append(
+            f"ADC core threshold {threshold:.0f} (620 at b=1000, scaled x{factor:.3f} for b={b:g})"
+        )
+
+    spacing = float(study.dwi.slice_spacing)
+    s_lo, s_hi = limits.slice_spacing_range_mm
+    measures.append(("slice_spacing_mm", spacing))
+    if not s_lo <= spacing <= s_hi:
+        reasons.append(f"slice spacing {spacing:.1f} mm outside the validated {s_lo:g}-{s_hi:g} mm")
+    coverage = spacing * study.dwi.shape[0]
+    measures.append(("coverage_mm", coverage))
+    if coverage < limits.min_coverage_mm:
+        reasons.append(f"coverage {coverage:.0f} mm < {limits.min_coverage_mm:g} mm: brain not fully covered")
+
+    snr = trace_snr(study.dwi.voxels, brain)
+    if snr is not None:
+        measures.append(("snr", snr))
+    if snr is None or snr < limits.min_snr:
+        shown = "unknown" if snr is None else f"{snr:.1f}"
+        reasons.append(f"SNR {shown} < {limits.min_snr:g}")
+
+    adc = study.adc.voxels
+    with np.errstate(invalid="ignore"):
+        valid = brain & np.isfinite(adc) & (adc > 0)
+    a_lo, a_hi = (v * factor for v in limits.adc_median_range)
+    median = float(np.median(adc[valid])) if valid.sum() >= 100 else None
+    if median is not None:
+        measures.append(("brain_adc_median", median))
+    if median is None or not a_lo <= median <= a_hi:
+        shown = "unavailable" if median is None else f"{median:.0f}"
+        reasons.append(
+            f"{study.adc_origin or 'ADC'} ADC brain median {shown} outside the plausible "
+            f"{a_lo:.0f}-{a_hi:.0f} x1e-6 mm2/s"
+        )
+
+    lesion = np.asarray(segmentation.mask, dtype=bool)
+    brain_ml = float(brain.sum()) * study.dwi.voxel_volume_ml
+    lesion_ml = float(lesion.sum()) * study.dwi.voxel_volume_ml
+    measures.append(("brain_ml", brain_ml))
+    if brain_ml > 0 and lesion_ml / brain_ml > limits.max_lesion_brain_fraction:
+        reasons.append(
+            f"lesion covers {100 * lesion_ml / brain_ml:.0f} % of the brain "
+            f"(> {100 * limits.max_lesion_brain_fraction:.0f} %): implausible"
+        )
+    if lesion_ml >= limits.symmetric_min_ml:
+        sym = symmetric_fraction(lesion, study, brain)
+        measures.append(("symmetric_fraction", sym))
+        if sym >= limits.symmetric_fraction:
+            reasons.append(
+                f"bilateral symmetric pattern ({100 * sym:.0f} % mirrored across the midline): "
+                "typical of cortical ribbon or artefact, not of a vascular territory"
+            )
+    validity = DomainOfValidity(
+        reasons=tuple(reasons), notes=tuple(notes), b_value=b,
+        adc_core_threshold=threshold, measures=tuple(measures),
+    )
+    if reasons:
+        log.warning("result outside the validated range: %s", "; ".join(reasons))
+    return validity
