@@ -19,7 +19,7 @@ from service.config import Settings, load_settings
 from service.errors import ConfigError, StrokesegError, StudyRefused
 
 if TYPE_CHECKING:
-    from service.db import DestinationDelivery
+    from service.db import DestinationDelivery, JobSummary
     from service.db.commitment import DestinationCommitment
 
 app = typer.Typer(
@@ -306,12 +306,16 @@ def phantom(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same studies).")] = 0,
     domain: Annotated[str | None, typer.Option(help="Scanner domain A (Siemens-like 3T), B (GE-like 1.5T) or C (Philips-like 3T), written in that vendor's DICOM convention; default: mixed scanners, standard tags.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Processes writing studies in parallel.")] = 1,
+    mimics: Annotated[str, typer.Option(help="Lesion mimics real scans show (cortical ribbon, T2 shine-through, susceptibility, ghosts, chronic infarcts, CSF partial volume, eyes, scalp fat): 'default' (each with its own probability), 'off' (the generator before mimics), 'all', or names separated by commas.")] = "default",
 ) -> None:
     """Write synthetic DWI studies (b0, b1000, ADC) with ground-truth lesion masks."""
     from models.synth import write_phantom_cases
 
+    chosen: str | bool | None = None if mimics == "default" else mimics
     try:
-        paths = write_phantom_cases(output_dir, cases, seed, domain=domain, workers=workers)
+        paths = write_phantom_cases(
+            output_dir, cases, seed, domain=domain, workers=workers, mimics=chosen
+        )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -349,13 +353,21 @@ def _delivery_column(
     return " | ".join(parts) or "-"
 
 
+def _validity_column(job: JobSummary) -> str:
+    """``within``, ``OUTSIDE: <reasons>`` or ``-`` (not assessed: before schema 0007, or refused)."""
+    if job.validity == "outside":
+        return "OUTSIDE: " + "; ".join(job.validity_reasons)
+    return job.validity or "-"
+
+
 @app.command()
 def jobs(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="How many of the newest jobs.")] = 50,
 ) -> None:
-    """List jobs: id, state, reason, lesion volume, timings, and per destination whether the
-    results are stored and committed (Storage Commitment: committed / pending / failed + reason)."""
+    """List jobs: id, state, reason, lesion volume, timings, per destination whether the
+    results are stored and committed (Storage Commitment: committed / pending / failed + reason),
+    and whether the result lies inside the model's validated range (within / OUTSIDE: reasons)."""
     settings = _settings(config)
     from service.db import Database, JobStore
     from service.db.commitment import CommitmentStore
@@ -366,7 +378,9 @@ def jobs(
     ids = [job.id for job in listed]
     deliveries = store.delivery_states(ids)
     commitment_states = CommitmentStore(db).destination_states(ids)
-    typer.echo("id\tstate\tvolume_ml\tcreated_utc\tfinished_utc\tstudy\treason\tdelivery")
+    typer.echo(
+        "id\tstate\tvolume_ml\tcreated_utc\tfinished_utc\tstudy\treason\tdelivery\tvalidity"
+    )
     for job in listed:
         volume = f"{job.lesion_volume_ml:.2f}" if job.lesion_volume_ml is not None else "-"
         finished = job.finished_at.isoformat(timespec="seconds") if job.finished_at else "-"
@@ -376,7 +390,7 @@ def jobs(
         delivery = _delivery_column(deliveries.get(job.id, []), commitment_states.get(job.id, []))
         typer.echo(
             f"{job.id}\t{job.state.value}\t{volume}\t{job.created_at.isoformat(timespec='seconds')}"
-            f"\t{finished}\t{job.study_instance_uid}\t{reason}\t{delivery}"
+            f"\t{finished}\t{job.study_instance_uid}\t{reason}\t{delivery}\t{_validity_column(job)}"
         )
 
 
@@ -421,6 +435,35 @@ def retry(job_id: int, config: ConfigOption = None) -> None:
         raise typer.Exit(1)
     dispatcher(settings)(job_id)
     typer.echo(f"job {job_id} queued")
+
+
+@app.command()
+def release(job_id: int, config: ConfigOption = None) -> None:
+    """Deliver a held job: a result outside the validated range that the site policy
+    (assess.outside_range_policy: hold) kept back. It is sent as it was written,
+    flagged outside the validated range in the SR and the overlay."""
+    settings = _settings(config)
+    from service.db import Database, JobStore
+    from service.worker.app import dispatcher
+
+    store = JobStore(Database(settings.database_url))
+    job = store.job(job_id)
+    if job is None or job.state.value != "held":
+        typer.echo(f"job {job_id} is not in state held; nothing to release", err=True)
+        raise typer.Exit(1)
+    newer = store.newer_delivered(job_id)
+    if newer is not None:
+        typer.echo(
+            f"job {job_id} not released: job {newer} already delivered a newer result of "
+            "this study",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if not store.release(job_id, f"released by operator ({os.environ.get('USER', 'unknown')})"):
+        typer.echo(f"job {job_id} is not in state held; nothing to release", err=True)
+        raise typer.Exit(1)
+    dispatcher(settings)(job_id)
+    typer.echo(f"job {job_id} released and queued for delivery")
 
 
 # train / finetune / export / evaluate: defined in models.cli, torch imported only when run.

@@ -22,9 +22,12 @@ Vector3 = tuple[float, float, float]
 class JobState(enum.StrEnum):
     """Life cycle of one processing job for one study.
 
-    received -> queued -> running -> delivered | failed | refused.
+    received -> queued -> running -> delivered | failed | refused | held.
     ``failed`` may be retried (delivery or infrastructure problem);
-    ``refused`` is final for that input (the study cannot be processed).
+    ``refused`` is final for that input (the study cannot be processed);
+    ``held`` is a result outside the model's validated range kept back by the
+    site policy (``assess.outside_range_policy: hold``): final until an
+    operator releases it (``strokeseg release``: held -> queued -> delivered).
     """
 
     RECEIVED = "received"
@@ -33,10 +36,11 @@ class JobState(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     REFUSED = "refused"
+    HELD = "held"
 
     @property
     def is_final(self) -> bool:
-        return self in (JobState.DELIVERED, JobState.FAILED, JobState.REFUSED)
+        return self in (JobState.DELIVERED, JobState.FAILED, JobState.REFUSED, JobState.HELD)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -20,7 +20,7 @@ from pydicom import dcmread
 from service import metrics
 from service.assess import Assessment, AssessOptions, RestrictionLimits, ValidityLimits, assess
 from service.config import AssessSettings, DeriveSettings, Destination, Settings
-from service.db import Database, JobStore, JobSummary
+from service.db import Database, JobStore, JobSummary, validity_fields
 from service.db.commitment import CommitmentStore
 from service.db.models import utcnow
 from service.deliver import StoreOutcome, record_store_attempt, store_objects
@@ -283,12 +283,26 @@ def _next_attempt(ctx: WorkerContext, summary: JobSummary) -> datetime | None:
     return now + timedelta(seconds=delay)
 
 
+def hold_reason(job_id: int, validity: DomainOfValidity) -> str:
+    """Why a job is held, and what the operator can do about it (``strokeseg jobs`` shows it)."""
+    return (
+        f"held: outside validated range ({'; '.join(validity.reasons)}); "
+        f"release with `strokeseg release {job_id}`"
+    )
+
+
 def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     """Process one queued job to a final state; None if another worker has it.
 
     A job that already produced its SEG and SR (and then failed to deliver)
     re-sends those same objects, so a retry never creates a second version of
     one result in PACS.
+
+    With ``assess.outside_range_policy: hold`` a result outside the model's
+    validated range is written to the spool but not sent: the job ends
+    ``held`` with the reasons, and ``strokeseg release`` queues it again; the
+    released attempt (``released_at`` set) delivers the results already
+    written, flagged in the SR and overlay as outside the validated range.
     """
     extra = {"job_id": job_id}
     if not ctx.store.claim(job_id):
@@ -299,6 +313,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     assert summary is not None  # claimed above
     result_dir = ctx.spool.result_dir(job_id)
     fields: dict[str, object] = {"result_dir": str(result_dir)}
+    held: DomainOfValidity | None = None
     try:
         objects = _existing_results(result_dir)
         if objects:
@@ -326,6 +341,14 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
                 model_name=result.segmentation.model_name,
                 model_version=result.segmentation.model_version,
             )
+            if result.validity is not None:
+                fields.update(validity_fields(result.validity.status, result.validity.reasons))
+                if (
+                    not result.validity.within
+                    and ctx.settings.assess.outside_range_policy == "hold"
+                    and summary.released_at is None
+                ):
+                    held = result.validity
             log.info(
                 "job %d: lesion volume %.2f mL (inference %.2f s)",
                 job_id, result.segmentation.lesion_volume_ml, result.inference_s, extra=extra,
@@ -340,6 +363,10 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     finally:
         metrics.JOB_SECONDS.observe(time.perf_counter() - started)
 
+    if held is not None:
+        reason = hold_reason(job_id, held)
+        log.warning("job %d %s", job_id, reason, extra=extra)
+        return _finish(ctx, job_id, JobState.HELD, reason, fields)
     if not ctx.settings.destinations:
         reason = "no destinations configured; results kept in the spool"
         log.warning("job %d: %s", job_id, reason, extra=extra)

@@ -25,7 +25,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command() -> None:
     result = _cli("--help")
     assert result.returncode == 0
-    for command in ("serve", "scp", "worker", "segment", "phantom", "jobs", "retry"):
+    for command in ("serve", "scp", "worker", "segment", "phantom", "jobs", "retry", "release"):
         assert command in result.stdout
 
 

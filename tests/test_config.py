@@ -54,3 +54,13 @@ def test_invalid_config_is_a_clear_error(tmp_path: Path, text: str) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_example_config_documents_the_assess_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The annotated example states the defaults for the assess section and derive.core_scope."""
+    monkeypatch.delenv("STROKESEG_CONFIG", raising=False)
+    example = load_settings(REPO / "config" / "strokeseg.example.yaml")
+    defaults = load_settings()
+    assert example.assess == defaults.assess
+    assert example.assess.outside_range_policy == "deliver"
+    assert example.derive.core_scope == defaults.derive.core_scope == "lesion"

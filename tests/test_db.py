@@ -5,8 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
 
-from service.db import Database, JobStore
+from service.db import Database, JobStore, validity_fields
+from service.db.models import Base
+from service.db.session import alembic_config
 from service.domain import JobState
 
 
@@ -112,3 +118,98 @@ def test_a_newer_result_supersedes_the_older_one(store: JobStore) -> None:
     assert store.job(first).superseded_by == second  # type: ignore[union-attr]
     assert store.previous_result(second) is None
     assert store.events(first)[-1][1] == f"superseded by job {second}"
+
+
+# -- domain of validity and hold-back (schema 0007) ---------------------------------
+
+
+def _held(store: JobStore, sop: str = "1.1", study: str = "1.2.840.1") -> int:
+    job_id = _receive(store, sop, study)
+    store.complete_studies(idle_s=0)
+    store.claim(job_id)
+    reasons = ["b=3000 s/mm2 outside the validated 900-1600", "SNR 4.2 < 6"]
+    assert store.transition(
+        job_id, JobState.HELD, "held: outside validated range (...)",
+        fields={"lesion_volume_ml": 3.5, **validity_fields("outside", reasons)},
+    )
+    return job_id
+
+
+def test_validity_is_recorded_on_the_job(store: JobStore) -> None:
+    job_id = _receive(store, "1.1")
+    assert store.job(job_id).validity == ""  # type: ignore[union-attr]
+    store.complete_studies(idle_s=0)
+    store.claim(job_id)
+    store.transition(job_id, JobState.DELIVERED, fields=validity_fields("within", []))
+    summary = store.job(job_id)
+    assert summary is not None
+    assert (summary.validity, summary.validity_reasons) == ("within", ())
+    held = _held(store, "2.1", study="1.2.840.2")
+    (listed,) = [j for j in store.jobs() if j.id == held]
+    assert listed.validity == "outside"
+    assert listed.validity_reasons == (
+        "b=3000 s/mm2 outside the validated 900-1600", "SNR 4.2 < 6",
+    )
+    with pytest.raises(ValueError, match="within' or 'outside"):
+        validity_fields("maybe", [])
+    assert validity_fields("outside", ["a\nb", "c"])["validity_reasons"] == "a b\nc"
+
+
+def test_held_is_final_and_only_release_queues_it(store: JobStore) -> None:
+    assert JobState.HELD.is_final
+    job_id = _held(store)
+    summary = store.job(job_id)
+    assert summary is not None and summary.state is JobState.HELD
+    assert summary.finished_at is not None and summary.released_at is None
+    assert store.retry(job_id) is False  # retry is for failed deliveries, not for held results
+    assert store.jobs_to_requeue(stale_after_s=0) == []  # a restart does not release it either
+    assert store.release(job_id) is True
+    summary = store.job(job_id)
+    assert summary is not None and summary.state is JobState.QUEUED
+    assert summary.released_at is not None
+    assert store.release(job_id) is False
+    assert [state for state, _, _ in store.events(job_id)] == [
+        "received", "queued", "running", "held", "queued",
+    ]
+    assert store.events(job_id)[-1][1] == "released by operator"
+
+
+def test_newer_delivered_result_of_the_study(store: JobStore) -> None:
+    held = _held(store)
+    assert store.newer_delivered(held) is None
+    newer = _receive(store, "1.1")  # the study sent again
+    store.complete_studies(idle_s=0)
+    store.claim(newer)
+    store.transition(newer, JobState.DELIVERED)
+    assert store.newer_delivered(held) == newer
+    assert store.newer_delivered(newer) is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migration_0007_matches_the_model_and_downgrades(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "postgres_url")
+    db = Database(url)
+    try:
+        with db.engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert [d for d in diffs if "jobs" in repr(d)] == []
+        held = _held(JobStore(db))
+        cfg = alembic_config()
+        with db.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0006")
+        with db.engine.connect() as conn:
+            columns = {c["name"] for c in inspect(conn).get_columns("jobs")}
+            state, reason = conn.execute(
+                text("SELECT state, reason FROM jobs WHERE id = :i"), {"i": held}
+            ).one()
+        assert not {"validity", "validity_reasons", "released_at"} & columns
+        assert state == "failed" and reason.endswith("(held before downgrade)")
+        with db.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        assert JobStore(db).job(held).validity == ""  # type: ignore[union-attr]
+    finally:
+        db.dispose()

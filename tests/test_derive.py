@@ -40,7 +40,7 @@ from service.derive import (
     stable_uid,
     write_results,
 )
-from service.domain import ImageVolume, ResultObject
+from service.domain import DiffusionMimic, DomainOfValidity, ImageVolume, ResultObject
 from tests.dicom_factory import make_dwi_series, make_sloppy, write_series
 from tests.peers import dciodvfy_errors
 
@@ -1169,3 +1169,184 @@ def test_algorithm_info_preprocessing_profile(headers: list[Dataset]) -> None:
         AlgorithmInfo("m", "1", parameters={"preprocessing_profile": "x"})
     with pytest.raises(ValueError, match="must not contain"):
         AlgorithmInfo("m", "1", preprocessing_profile="a,b")
+
+
+# ------------------------------------------- domain of validity and set-aside components
+
+_OUTSIDE = DomainOfValidity(
+    reasons=("b=3000 s/mm2 outside the validated 900-1600", "SNR 4.2 < 6"),
+    notes=("ADC core threshold 545 (620 at b=1000, scaled x0.880 for b=3000)",),
+    b_value=3000.0,
+    adc_core_threshold=545.0,
+    measures=(("slice_spacing_mm", 5.5), ("snr", 4.2)),
+)
+_MIMICS = (
+    DiffusionMimic(
+        volume_ml=1.35,
+        mean_adc=1150.0,
+        relative_adc=1.42,
+        centroid_mm=(-40.0, 12.5, 3.25),
+        first_slice=12,
+        last_slice=13,
+        reason="DWI hyperintensity without restricted diffusion (mean ADC 1150 >= 750, rADC 1.42 >= 0.85)",
+    ),
+    DiffusionMimic(
+        volume_ml=0.4,
+        mean_adc=None,
+        relative_adc=None,
+        centroid_mm=(90.0, -100.0, -30.0),
+        first_slice=3,
+        last_slice=3,
+        reason="outside the brain",
+    ),
+)
+
+
+def _assessed_findings(
+    headers: Sequence[Dataset], validity: DomainOfValidity, mimics: Sequence[DiffusionMimic] = ()
+) -> LesionFindings:
+    mask = _multi_lesion_mask()
+    probability, adc, brain = _study_arrays(mask)
+    return compute_lesion_findings(
+        mask, probability, adc, brain, grid_geometry(headers), mimics=mimics, validity=validity
+    )
+
+
+def _measurement_group_identifiers(ds: Dataset) -> list[str]:
+    """Tracking Identifiers of the Imaging Measurements groups, in document order."""
+    (container,) = [
+        item
+        for item in ds.ContentSequence
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    return [
+        next(
+            str(child.TextValue)
+            for child in group.ContentSequence
+            if child.ConceptNameCodeSequence[0].CodeValue == "112039"  # Tracking Identifier
+        )
+        for group in container.ContentSequence
+    ]
+
+
+def test_sr_states_outside_validated_range_first_and_lists_mimics(
+    headers: list[Dataset], tmp_path: Path
+) -> None:
+    findings = _assessed_findings(headers, _OUTSIDE, _MIMICS)
+    seg = build_lesion_seg(headers, _multi_lesion_mask(), algorithm=PROFILED)
+    sr = build_volume_report(
+        seg, headers, findings.total_volume_ml, algorithm=PROFILED, findings=findings
+    )
+    path = _save(sr, tmp_path / "sr.dcm")
+    assert _dciodvfy_errors(path) == []
+    ds = _dcmread_strict(path)
+
+    # the statement comes before every measurement it qualifies
+    identifiers = _measurement_group_identifiers(ds)
+    assert identifiers[0] == "Domain of validity"
+    assert identifiers[1] == "Acute ischemic lesion"
+    assert identifiers[-1].startswith("ADC core")
+    assert identifiers[2:-1] == [
+        "Lesion 1 of 3",
+        "Lesion 2 of 3",
+        "Lesion 3 of 3",
+        "DWI hyperintensity without restricted diffusion 1 of 2",
+        "DWI hyperintensity without restricted diffusion 2 of 2",
+    ]
+
+    got = read_lesion_findings(ds)
+    assert got.validity_status == "outside"
+    assert got.validity_summary == (
+        "OUTSIDE VALIDATED RANGE: b=3000 s/mm2 outside the validated 900-1600; SNR 4.2 < 6"
+    )
+    assert got.validity_reasons == _OUTSIDE.reasons
+    assert got.validity_notes == _OUTSIDE.notes
+    assert got.validity_measures == {"slice_spacing_mm": 5.5, "snr": 4.2}
+
+    # mimics: listed, not counted
+    voxel_ml = 3.5 * 3.5 * 5.5 / 1000.0
+    assert got.lesion_volume_ml == pytest.approx(271 * voxel_ml)
+    assert got.lesion_count == 3 and len(got.lesions) == 3
+    first, second = got.mimics
+    assert first.volume_ml == pytest.approx(1.35)
+    assert first.mean_adc == pytest.approx(1150.0)
+    assert first.relative_adc == pytest.approx(1.42)
+    assert first.centroid_mm == pytest.approx((-40.0, 12.5, 3.25))
+    assert first.slice_indices == (12, 13) and first.instance_numbers == (13, 14)
+    assert first.source_sop_instance_uids == tuple(h.SOPInstanceUID for h in headers[12:14])
+    assert first.reason == _MIMICS[0].reason
+    assert (second.mean_adc, second.relative_adc, second.reason) == (None, None, "outside the brain")
+    assert any(
+        c.startswith("2 DWI-bright components without restricted diffusion")
+        and "1.75 mL in all" in c
+        and "not counted in the lesion volume or the lesion count" in c
+        for c in got.comments
+    )
+
+    # the raw encoding: Yes/No answer and private finding type
+    items = list(_content_items(ds.ContentSequence))
+    answers = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "WITHINRANGE"
+    ]
+    assert answers == ["373067005"]  # SCT No
+    finding_types = [
+        (c.CodingSchemeDesignator, c.CodeValue)
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"
+        for c in i.ConceptCodeSequence
+    ]
+    assert finding_types.count(("99STROKESEG", "DWIMIMIC")) == 2
+    assert finding_types.count(("SCT", "55641003")) == 1 + 3 + 1  # lesion, lesions, core
+    units = {
+        i.ConceptNameCodeSequence[0].CodeValue: i.MeasuredValueSequence[0]
+        .MeasurementUnitsCodeSequence[0]
+        .CodeValue
+        for i in items
+        if i.ValueType == "NUM"
+    }
+    assert units["RADC"] == "1"
+
+
+def test_sr_within_validated_range_says_so_with_its_notes(
+    headers: list[Dataset], tmp_path: Path
+) -> None:
+    within = DomainOfValidity(
+        notes=("b=1500 trace harmonised to a b=1000-equivalent (S0 exp(-1000 ADC))",),
+        b_value=1500.0,
+    )
+    findings = _assessed_findings(headers, within)
+    seg = build_lesion_seg(headers, _multi_lesion_mask(), algorithm=PROFILED)
+    sr = build_volume_report(
+        seg, headers, findings.total_volume_ml, algorithm=PROFILED, findings=findings
+    )
+    path = _save(sr, tmp_path / "sr.dcm")
+    assert _dciodvfy_errors(path) == []
+    got = read_lesion_findings(_dcmread_strict(path))
+    assert got.validity_status == "within"
+    assert got.validity_summary == "within the model's validated range"
+    assert got.validity_reasons == () and got.validity_notes == within.notes
+    assert got.mimics == ()
+    assert not any("without restricted diffusion" in c for c in got.comments)
+
+
+def test_sr_without_assessment_has_no_validity_statement(headers: list[Dataset]) -> None:
+    findings = _findings_for(headers, _multi_lesion_mask())
+    seg = build_lesion_seg(headers, _multi_lesion_mask(), algorithm=PROFILED)
+    sr = build_volume_report(
+        seg, headers, findings.total_volume_ml, algorithm=PROFILED, findings=findings
+    )
+    got = read_lesion_findings(sr)
+    assert got.validity_status is None and got.validity_reasons == () and got.mimics == ()
+    assert _measurement_group_identifiers(sr)[0] == "Acute ischemic lesion"
+
+
+def test_sr_refuses_a_mimic_beyond_the_sources(headers: list[Dataset]) -> None:
+    beyond = DiffusionMimic(1.0, 1000.0, 1.3, (0.0, 0.0, 0.0), N_SLICES - 1, N_SLICES, "test")
+    findings = _assessed_findings(headers, DomainOfValidity(), (beyond,))
+    seg = build_lesion_seg(headers, _multi_lesion_mask(), algorithm=PROFILED)
+    with pytest.raises(ValueError, match="beyond the source images"):
+        build_volume_report(
+            seg, headers, findings.total_volume_ml, algorithm=PROFILED, findings=findings
+        )

@@ -38,7 +38,9 @@ from service.derive.overlay import (
     auto_window,
     lesion_outline,
     overlay_layout,
+    validity_line,
 )
+from service.domain import DomainOfValidity
 from tests.dicom_factory import make_dwi_series, make_sloppy, write_series
 from tests.peers import dciodvfy_errors
 
@@ -377,3 +379,57 @@ def test_bad_inputs_raise(sources: list[Dataset]) -> None:
             series_instance_uid=sources[0].SeriesInstanceUID,
             **kwargs,  # type: ignore[arg-type]
         )
+
+
+def test_banner_says_first_when_outside_the_validated_range(sources: list[Dataset]) -> None:
+    mask = _mask()
+    probability = np.where(mask, 0.9, 0.0)
+    adc = np.full(mask.shape, 800.0)
+    adc[mask] = 500.0
+    brain = np.ones(mask.shape, bool)
+    validity = DomainOfValidity(
+        reasons=("b=3000 s/mm2 outside the validated 900-1600", "SNR 4.2 < 6"), b_value=3000.0
+    )
+    findings = compute_lesion_findings(
+        mask, probability, adc, brain, grid_geometry(sources), validity=validity
+    )
+    images = build_overlay_series(
+        sources,
+        _dwi(sources),
+        mask,
+        lesion_volume_ml=findings.total_volume_ml,
+        algorithm=ALGORITHM,
+        findings=findings,
+    )
+    layout = overlay_layout(ROWS, COLUMNS, 7)
+    assert images[0].Rows == layout.height
+    text = _ocr(images[5].pixel_array, layout)
+    assert text == [
+        "OUTSIDE VALIDATED RANGE: B=3000 S/MM2",
+        "OUTSIDE THE VALIDATED 900-1600 (+1 MORE,",
+        "SEE SR)",
+        "RESEARCH USE ONLY - NOT FOR DIAGNOSIS",
+        f"LESION VOLUME {findings.total_volume_ml:.1f} ML IN 2 LESIONS",
+        "MODEL STROKESEG-UNET 1.2.0",
+        "IMAGE 6 OF 12",
+    ]
+    banner = images[5].pixel_array[layout.image_rows :]
+    top, _ = layout.line_origin(0)
+    below_label, _ = layout.line_origin(4)
+    warning_rows = banner[top - layout.image_rows : below_label - layout.image_rows]
+    # warning and label in the label colour, numbers in white
+    assert {tuple(int(c) for c in px) for px in warning_rows.reshape(-1, 3)} == {
+        (0, 0, 0),
+        (255, 255, 0),
+    }
+    assert images[0].ImageComments.startswith(
+        "OUTSIDE VALIDATED RANGE: b=3000 s/mm2 outside the validated 900-1600 (+1 MORE, SEE SR); "
+    )
+
+
+def test_banner_has_no_warning_within_the_validated_range() -> None:
+    assert validity_line(None) is None
+    assert validity_line(DomainOfValidity(notes=("b=1500 harmonised",))) is None
+    assert validity_line(DomainOfValidity(reasons=("SNR 4.2 < 6",))) == (
+        "OUTSIDE VALIDATED RANGE: SNR 4.2 < 6"
+    )

@@ -7,10 +7,12 @@ Each case folder has the layout ``strokeseg phantom`` writes
     CASE/truth/mask.npy       bool (slices, rows, columns) on the DWI grid
     CASE/truth/truth.json     optional; "domain" or "manufacturer" names the vendor
 
-The study is read with ``service.intake.load_study`` and segmented with
-``service.inference.segment_lesion``, the calls ``service.pipeline`` makes, so
-the numbers describe what PACS would receive, not a re-implementation of the
-preprocessing.  The truth is compared on the native DWI grid.
+The study is read with ``service.intake.load_study``, segmented with
+``service.inference.segment_lesion`` and checked by ``service.assess.assess``
+(the restricted-diffusion guard with the service's default limits), the calls
+``service.pipeline`` makes, so the numbers describe what PACS would receive,
+not a re-implementation of the preprocessing.  ``guard=False`` scores the
+network's raw mask instead (to measure what the guard adds).  The truth is compared on the native DWI grid.
 
 One bad case must not cost a whole evaluation run: a case whose truth cannot
 be read, whose study the intake refuses, or whose truth grid does not match
@@ -81,6 +83,7 @@ def evaluate_case_dirs(
     failures: list[CaseFailure] | None = None,
     min_lesion_voxels: int = 1,
     stream: TextIO | None = None,
+    guard: bool = True,
 ) -> list[CaseMetrics]:
     """Segment every case in ``case_dirs`` with the bundle in ``model_dir`` and score it.
 
@@ -94,12 +97,18 @@ def evaluate_case_dirs(
     input order.  ``extra`` of each result holds the intake and inference
     seconds and, for phantoms, the generator's lesion class.
     """
+    from service.assess import AssessOptions, RestrictionLimits, assess
     from service.errors import StudyRefused
     from service.inference import load_model, segment_lesion
     from service.intake import load_study
+    from service.preprocess import HARMONISING_PROFILES, brain_mask
 
     out = stream if stream is not None else sys.stdout
     model = load_model(Path(model_dir), intra_op_threads=threads)
+    options = AssessOptions(
+        restriction=RestrictionLimits(enabled=guard),
+        harmonised=model.card.preprocessing_profile in HARMONISING_PROFILES,
+    )
     results: list[CaseMetrics] = []
 
     def fail(case_dir: Path, stage: str, reason: str) -> None:
@@ -126,7 +135,9 @@ def evaluate_case_dirs(
         intake_s = time.perf_counter() - started
         started = time.perf_counter()
         try:
-            segmentation = segment_lesion(study, model)
+            network = segment_lesion(study, model)
+            assessment = assess(study, network, brain_mask(study.dwi), options)
+            segmentation = assessment.segmentation
         except StudyRefused as exc:
             fail(case_dir, "inference", exc.reason)
             continue
@@ -147,6 +158,11 @@ def evaluate_case_dirs(
                 "intake_s": round(intake_s, 3),
                 "inference_s": round(inference_s, 3),
                 "phantom_lesion_class": truth.record.get("lesion_class"),
+                "territory": truth.record.get("territory"),
+                "subject": truth.record.get("subject"),
+                "validity": assessment.validity.status,
+                "validity_reasons": list(assessment.validity.reasons),
+                "mimic_volume_ml": round(sum(m.volume_ml for m in assessment.mimics), 3),
             },
         )
         results.append(metrics)

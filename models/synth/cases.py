@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from models.synth.domains import get_domain
+from models.synth.mimics import MimicsArg, mimic_probabilities
 from models.synth.mr_image import write_dicom_files
 from models.synth.phantom import GENERATOR_VERSION, PhantomStudy, generate_phantom
 
@@ -94,6 +95,9 @@ def truth_record(study: PhantomStudy) -> dict[str, Any]:
         "manufacturer": study.acquisition.manufacturer,
         "field_strength_t": study.acquisition.field_strength_t,
         "noise_sigma": study.noise_sigma,
+        # Lesion mimics in the images (not lesions: the mask is 0 there), for stratifying.
+        "mimics": list(study.mimics),
+        "mimic_parameters": study.mimic_parameters or {},
     }
     if study.domain is not None:  # default cases keep their truth.json exactly
         record["domain"] = study.domain
@@ -116,28 +120,33 @@ def write_phantom_study(
     return out_dir
 
 
-def _write_case(args: tuple[Path, int, int, str | None, str | None]) -> Path:
-    out_dir, index, seed, manufacturer, domain = args
+def _write_case(
+    args: tuple[Path, int, int, str | None, str | None, dict[str, float]],
+) -> Path:
+    out_dir, index, seed, manufacturer, domain, mimics = args
     if domain is None:
         study = generate_phantom(
             case_seed(seed, index), manufacturer=manufacturer,
-            patient_name=f"PHANTOM^CASE{index:04d}",
+            patient_name=f"PHANTOM^CASE{index:04d}", mimics=mimics,
         )
         return write_phantom_study(study, out_dir / f"case_{index:04d}")
     return write_domain_case(
         out_dir / f"case_{index:04d}", case_seed(seed, index, domain), domain,
-        patient_name=f"PHANTOM^CASE{index:04d}",
+        patient_name=f"PHANTOM^CASE{index:04d}", mimics=mimics,
     )
 
 
 def write_domain_case(
-    out_dir: Path, seed: int, domain: str, *, patient_name: str | None = None
+    out_dir: Path, seed: int, domain: str, *, patient_name: str | None = None,
+    mimics: MimicsArg = None,
 ) -> Path:
     """Generate phantom ``seed`` on scanner ``domain`` and write it in that vendor's convention."""
     from models.synth.vendors import write_vendor_study  # vendors imports this module
 
     scanner_domain = get_domain(domain)
-    study = generate_phantom(seed, domain=scanner_domain, patient_name=patient_name)
+    study = generate_phantom(
+        seed, domain=scanner_domain, patient_name=patient_name, mimics=mimics
+    )
     return write_vendor_study(study, Path(out_dir), scanner_domain.convention)
 
 
@@ -150,6 +159,7 @@ def write_phantom_cases(
     workers: int = 1,
     skip_existing: bool = False,
     domain: str | None = None,
+    mimics: MimicsArg = None,
 ) -> list[Path]:
     """Write ``n_cases`` cases ``out_dir/case_0000`` ...; case i uses ``case_seed(seed, i)``.
 
@@ -159,8 +169,11 @@ def write_phantom_cases(
     case on that scanner, written in its vendor convention, with case seeds
     ``case_seed(seed, i, domain)``; ``manufacturer`` then must be unset (or the
     domain's).  Without it the cases are exactly as before (Siemens by default).
+    ``mimics`` (see :func:`models.synth.mimics.mimic_probabilities`): lesion
+    mimics, on by default; ``False`` reproduces generator 1.0's images.
     """
     out_dir = Path(out_dir)
+    probabilities = mimic_probabilities(mimics)  # bad names fail before any work
     if domain is not None:
         scanner_domain = get_domain(domain)  # unknown names fail before any work
         if manufacturer is not None and manufacturer != scanner_domain.manufacturer:
@@ -173,7 +186,7 @@ def write_phantom_cases(
         manufacturer = "SIEMENS"
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [
-        (out_dir, i, seed, manufacturer, domain)
+        (out_dir, i, seed, manufacturer, domain, probabilities)
         for i in range(n_cases)
         if not (skip_existing and (out_dir / f"case_{i:04d}" / "truth" / "truth.json").exists())
     ]

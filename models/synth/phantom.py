@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.uid import generate_uid
 from scipy import ndimage as ndi
 
+from models.synth import mimics as mim
 from models.synth.anatomy import Anatomy, load_anatomy
 from models.synth.diffusion import (
     ADC_UNIT,
@@ -47,8 +49,9 @@ from models.synth.lesions import (
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever the same seed would give a different study.
-GENERATOR_VERSION = "1.0"
+#: Bumped whenever the same seed would give a different study.  1.1: lesion
+#: mimics (:mod:`models.synth.mimics`), on by default; ``mimics=False`` gives 1.0's studies.
+GENERATOR_VERSION = "1.1"
 #: Through-plane sub-samples per slice (over the slice thickness).
 THROUGH_PLANE_SAMPLES = 4
 #: DWI stored values use 12 bits, as most scanners do.
@@ -125,6 +128,8 @@ class PhantomStudy:
     tissue_fractions: npt.NDArray[np.float32] | None = field(default=None)
     domain: str | None = None  # scanner domain name (models.synth.domains), None = mixed
     scanner: ScannerSettings | None = None  # what was drawn from that domain
+    mimics: tuple[str, ...] = ()  # lesion mimics in the images (models.synth.mimics)
+    mimic_parameters: dict[str, Any] | None = None  # what was drawn for each of them
 
     @property
     def lesion_volume_ml(self) -> float:
@@ -243,12 +248,12 @@ class _Sampler:
             boxes.append((r0, r1, c0, c1) if r1 > r0 and c1 > c0 else None)
         return boxes
 
-    def _matrix(self, j: int, k: int, r0: int, c0: int, lattice_offset: npt.NDArray[np.float64]
-                ) -> npt.NDArray[np.float64]:
+    def _matrix(self, j: int, k: int, r0: int, c0: int, lattice_offset: npt.NDArray[np.float64],
+                n_through: int) -> npt.NDArray[np.float64]:
         """Homogeneous map from sub-sample output index (0, R, C) to lattice index."""
         g = self.geometry
         n = self.n_inplane
-        through = ((j + 0.5) / self.n_through - 0.5) * g.slice_thickness / g.slice_spacing
+        through = ((j + 0.5) / n_through - 0.5) * g.slice_thickness / g.slice_spacing
         sub = np.eye(4)
         sub[1, 1] = sub[2, 2] = 1.0 / n
         sub[0, 3] = k + through
@@ -264,11 +269,15 @@ class _Sampler:
         *,
         lattice_offset: tuple[int, int, int] = (0, 0, 0),
         region: tuple[int, int, int, int, int, int] | None = None,
+        through_samples: int | None = None,
     ) -> list[npt.NDArray[np.float32]]:
         """Voxel means of ``maps`` (which start at ``lattice_offset`` of the lattice).
 
-        ``region`` = (k0, k1, r0, r1, c0, c1) limits the work further (lesion boxes).
+        ``region`` = (k0, k1, r0, r1, c0, c1) limits the work further (lesion boxes);
+        ``through_samples`` (default :data:`THROUGH_PLANE_SAMPLES`) trades
+        through-plane accuracy for speed on smooth maps.
         """
+        n_through = self.n_through if through_samples is None else int(through_samples)
         g = self.geometry
         out = [np.zeros(g.shape, dtype=np.float32) for _ in maps]
         offset = np.asarray(lattice_offset, dtype=np.float64)
@@ -286,8 +295,8 @@ class _Sampler:
                 if r1 <= r0 or c1 <= c0:
                     continue
             shape = (1, (r1 - r0) * n, (c1 - c0) * n)
-            for j in range(self.n_through):
-                m = self._matrix(j, k, r0, c0, offset)
+            for j in range(n_through):
+                m = self._matrix(j, k, r0, c0, offset, n_through)
                 for src, dst in zip(maps, out, strict=True):
                     sampled = ndi.affine_transform(
                         src, m, output_shape=shape, order=1, mode="constant", cval=0.0,
@@ -295,7 +304,7 @@ class _Sampler:
                     )
                     block = sampled.reshape(r1 - r0, n, c1 - c0, n).mean(axis=(1, 3))
                     dst[k, r0:r1, c0:c1] += block
-        scale = np.float32(1.0 / self.n_through)
+        scale = np.float32(1.0 / n_through)
         for dst in out:
             dst *= scale
         return out
@@ -326,15 +335,24 @@ def _signal_maps(
     params: TissueParameters,
     lesions: LesionField | None,
     b_value: float = B_VALUE,
+    *,
+    atrophy: npt.NDArray[np.float32] | None = None,
+    replacements: tuple[LesionField, ...] = (),
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
     """S0 and S(b) on the lattice, and the lesion fraction inside the lesion box.
 
     ``b_value`` is the *effective* b of the acquisition (a domain's gradient
     calibration may differ from the nominal 1000 written to the headers).
+    ``atrophy`` (mimic ``csf_partial_volume``; modified in place) is the
+    fraction of parenchyma turned into CSF outside the acute lesions;
+    ``replacements`` (mimics ``t2_shine_through``, ``chronic_infarct``) replace
+    parenchyma like lesions do, but leave the lesion fraction alone.
     """
     flat = anatomy.tissues.reshape(-1, anatomy.tissues.shape[-1])
     s0 = (flat @ params.signal_weights(0.0)).reshape(anatomy.shape)
     sb = (flat @ params.signal_weights(b_value)).reshape(anatomy.shape)
+    if atrophy is not None or replacements:
+        _apply_mimic_tissue(anatomy, params, lesions, b_value, s0, sb, atrophy, replacements)
     if lesions is None:
         return s0, sb, None
     box = lesions.box
@@ -350,6 +368,40 @@ def _signal_maps(
     sb[box] += occ * (lesion_sb - par_sb)
     fraction = np.ascontiguousarray(occ * anatomy.parenchyma[box], dtype=np.float32)
     return s0, sb, fraction
+
+
+def _apply_mimic_tissue(
+    anatomy: Anatomy,
+    params: TissueParameters,
+    lesions: LesionField | None,
+    b_value: float,
+    s0: npt.NDArray[np.float32],
+    sb: npt.NDArray[np.float32],
+    atrophy: npt.NDArray[np.float32] | None,
+    replacements: tuple[LesionField, ...],
+) -> None:
+    """Tissue-level mimics on the lattice maps ``s0``/``sb`` (in place)."""
+    w0 = params.signal_weights(0.0)
+    wb = params.signal_weights(b_value)
+    gm = anatomy.tissues[..., 0]
+    wm = anatomy.tissues[..., 1]
+    if atrophy is not None:
+        if lesions is not None:  # acute lesions keep their parenchyma (truth unchanged)
+            atrophy[lesions.box] *= 1.0 - lesions.occupancy
+        # Parenchyma fraction ``atrophy`` of each voxel becomes CSF.
+        s0 += atrophy * (gm * (w0[2] - w0[0]) + wm * (w0[2] - w0[1]))
+        sb += atrophy * (gm * (wb[2] - wb[0]) + wm * (wb[2] - wb[1]))
+    for repl in replacements:
+        box = repl.box
+        keep = 1.0 if atrophy is None else 1.0 - atrophy[box]
+        gm_box = gm[box] * keep
+        wm_box = wm[box] * keep
+        par_s0 = gm_box * w0[0] + wm_box * w0[1]
+        par_sb = gm_box * wb[0] + wm_box * wb[1]
+        occ = repl.occupancy
+        s0[box] += occ * repl.s0_increase * par_s0
+        new_sb = (1.0 + repl.s0_increase) * par_s0 * np.exp(-b_value * repl.adc)
+        sb[box] += occ * (new_sb - par_sb)
 
 
 def _seed_sequence(seed: int) -> np.random.SeedSequence:
@@ -370,6 +422,101 @@ def lesion_plan(
     return cls, tuple(plan_lesions(rng_lesion, cls, load_anatomy()))
 
 
+def _tissue_mimics(
+    plan: mim.MimicPlan, anatomy: Anatomy, lesion_field: LesionField | None, pose: Pose
+) -> tuple[npt.NDArray[np.float32] | None, tuple[LesionField, ...]]:
+    """Atrophy map and parenchyma replacements (shine-through, chronic infarcts) drawn."""
+    atrophy = None
+    if plan.on("csf_partial_volume"):
+        atrophy, record = mim.atrophy_map(plan.rngs["csf_partial_volume"], anatomy)
+        plan.parameters["csf_partial_volume"] = record
+    replacements: list[LesionField] = []
+    for name, draw in (("t2_shine_through", mim.shine_through_field),
+                       ("chronic_infarct", mim.chronic_infarct_field)):
+        if not plan.on(name):
+            continue
+        repl, record = draw(plan.rngs[name], anatomy, B_VALUE, pose.scale**-3)
+        plan.parameters[name] = record
+        if repl is not None:
+            replacements.append(mim.exclude_lesions(repl, lesion_field))
+    return atrophy, tuple(replacements)
+
+
+def _image_mimics(
+    plan: mim.MimicPlan,
+    anatomy: Anatomy,
+    sampler: _Sampler,
+    geometry: ScanGeometry,
+    pose: Pose,
+    params: TissueParameters,
+    b_value: float,
+    s0: npt.NDArray[np.float32],
+    sb: npt.NDArray[np.float32],
+    fractions: npt.NDArray[np.float32],
+    tissue_fractions: npt.NDArray[np.float32] | None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32],
+           npt.NDArray[np.float32] | None]:
+    """Eyes, residual scalp fat and EPI distortion on the noise-free DWI-grid signals."""
+    if plan.on("eyes"):
+        rng = plan.rngs["eyes"]
+        frac, record = mim.eye_fraction(rng, geometry, pose)
+        if float(frac.max()) < 0.5:  # the slab misses the orbits
+            plan.dropped.add("eyes")
+        else:
+            eye_s0 = float(params.s0[2] * rng.uniform(0.85, 1.05))
+            eye_adc = float(rng.uniform(2.8e-3, 3.2e-3))
+            s0 = (1.0 - frac) * s0 + frac * np.float32(eye_s0)
+            sb = (1.0 - frac) * sb + frac * np.float32(eye_s0 * math.exp(-b_value * eye_adc))
+            record.update(s0=eye_s0, adc_mm2_s=eye_adc)
+            plan.parameters["eyes"] = record
+    if plan.on("scalp_fat"):
+        (scalp,) = sampler.sample([np.ascontiguousarray(anatomy.tissues[..., 3])],
+                                  through_samples=1)
+        fat, fat_adc, record = mim.scalp_fat_image(
+            plan.rngs["scalp_fat"], scalp, geometry.shape[1]
+        )
+        s0 = s0 + fat
+        sb = sb + fat * np.float32(math.exp(-b_value * fat_adc))
+        plan.parameters["scalp_fat"] = record
+    if plan.on("susceptibility"):
+        mni = mim.voxel_mni(geometry, pose)
+        shift, dephase, record = mim.susceptibility_fields(
+            plan.rngs["susceptibility"], geometry, pose, mni
+        )
+        del mni
+        s0 = mim.distort(s0 * dephase, shift)
+        sb = mim.distort(sb * dephase, shift)
+        # Truth follows the image: partial volumes are pushed the same way.
+        support = mim.distort(np.ones_like(s0), shift)
+        safe = np.maximum(support, np.float32(1e-3))
+
+        def push(frac: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return np.asarray(np.where(support > 1e-3, mim.distort(frac, shift) / safe, 0.0),
+                              dtype=np.float32)
+
+        if fractions.any():
+            fractions = np.clip(push(fractions), 0.0, 1.0)
+        if tissue_fractions is not None:
+            tissue_fractions = np.stack([push(t) for t in tissue_fractions], axis=0)
+        plan.parameters["susceptibility"] = record
+    return s0, sb, fractions, tissue_fractions
+
+
+def _ghosts(
+    plan: mim.MimicPlan, b0: npt.NDArray[np.float32], dwi: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Nyquist N/2 ghosts (own amplitude per b-value) when drawn; else the images as they are."""
+    if not plan.on("nyquist_ghost"):
+        return b0, dwi
+    rng = plan.rngs["nyquist_ghost"]
+    a0 = float(rng.uniform(0.02, 0.08))
+    ab = float(np.clip(a0 * rng.uniform(0.6, 1.5), 0.02, 0.08))
+    gradient = float(rng.uniform(-0.8, 0.8))
+    plan.parameters["nyquist_ghost"] = {"amplitude_b0": a0, "amplitude_b1000": ab,
+                                        "readout_gradient": gradient}
+    return mim.ghost(b0, a0, gradient), mim.ghost(dwi, ab, gradient)
+
+
 def generate_phantom(
     seed: int,
     *,
@@ -379,6 +526,7 @@ def generate_phantom(
     patient_name: str | None = None,
     with_tissue_maps: bool = False,
     domain: ScannerDomain | str | None = None,
+    mimics: mim.MimicsArg = None,
 ) -> PhantomStudy:
     """Draw one synthetic acute-stroke DWI/ADC study and its truth from ``seed``.
 
@@ -392,7 +540,12 @@ def generate_phantom(
     protocol geometry, SNR, k-space blur, bias field, echo time, effective
     b-value and manufacturer all come from the domain (``manufacturer``, if
     given, must agree; ``matrix``, if given, must be one of its matrices).
-    Without a domain the study is bit for bit what this generator always made.
+
+    ``mimics`` chooses the lesion mimics (:mod:`models.synth.mimics`): by
+    default each is drawn with its :data:`~models.synth.mimics.DEFAULT_MIMIC_PROBABILITIES`;
+    ``False`` turns them all off, which (without a domain) gives bit for bit
+    the studies of generator 1.0; a list of names forces exactly those on; a
+    mapping gives each its probability.  Mimics never change the truth.
     """
     forced_class = LesionClass(lesion_class) if lesion_class is not None else None
     scanner_domain = get_domain(domain) if domain is not None else None
@@ -434,8 +587,16 @@ def generate_phantom(
         rng_lesion, specs, anatomy, mni_per_patient_volume=pose.scale**-3
     )
     params = random_tissue_parameters(rng_signal)
+    plan = mim.draw_mimics(seed, mimics)
+    if plan.on("cortical_ribbon"):
+        params, record = mim.ribbon_parameters(plan.rngs["cortical_ribbon"], params, B_VALUE)
+        plan.parameters["cortical_ribbon"] = record
+    atrophy, replacements = _tissue_mimics(plan, anatomy, lesion_field, pose)
     if scanner is None:
-        s0_map, sb_map, fraction_map = _signal_maps(anatomy, params, lesion_field)
+        s0_map, sb_map, fraction_map = _signal_maps(
+            anatomy, params, lesion_field, atrophy=atrophy, replacements=replacements
+        )
+        b_effective = B_VALUE
     else:
         params = at_echo_time(params, scanner.echo_time_ms, scanner.field_strength_t)
         if lesion_field is not None:
@@ -445,8 +606,15 @@ def generate_phantom(
                     lesion_field.s0_increase, scanner.echo_time_ms
                 ),
             )
+        replacements = tuple(
+            replace(r, s0_increase=shine_through_at_echo_time(r.s0_increase,
+                                                              scanner.echo_time_ms))
+            for r in replacements
+        )
+        b_effective = B_VALUE * scanner.b_value_scale
         s0_map, sb_map, fraction_map = _signal_maps(
-            anatomy, params, lesion_field, b_value=B_VALUE * scanner.b_value_scale
+            anatomy, params, lesion_field, b_value=b_effective,
+            atrophy=atrophy, replacements=replacements,
         )
 
     sampler = _Sampler(anatomy, pose, geometry)
@@ -463,7 +631,16 @@ def generate_phantom(
     tissue_fractions = None
     if with_tissue_maps:
         channels = [np.ascontiguousarray(anatomy.tissues[..., i]) for i in range(3)]
+        if atrophy is not None:
+            lost = atrophy * (channels[0] + channels[1])
+            channels = [channels[0] * (1 - atrophy), channels[1] * (1 - atrophy),
+                        channels[2] + lost]
         tissue_fractions = np.stack(sampler.sample(channels), axis=0)
+    if plan.drawn:
+        s0, sb, fractions, tissue_fractions = _image_mimics(
+            plan, anatomy, sampler, geometry, pose, params, b_effective,
+            s0, sb, fractions, tissue_fractions,
+        )
 
     # Scanner: bias field (same on both b-values), gain, Rician noise, ADC.
     if scanner is None:
@@ -471,8 +648,10 @@ def generate_phantom(
         wm_b0 = params.s0[1]
         gain = float(rng_signal.uniform(350.0, 900.0)) / wm_b0
         sigma = float(rng_signal.uniform(0.02, 0.05)) * wm_b0 * gain
-        b0_signal = rician(rng_noise, s0 * bias * np.float32(gain), sigma)
-        dwi_signal = rician(rng_noise, sb * bias * np.float32(gain), sigma)
+        b0_clean, dwi_clean = _ghosts(plan, s0 * bias * np.float32(gain),
+                                      sb * bias * np.float32(gain))
+        b0_signal = rician(rng_noise, b0_clean, sigma)
+        dwi_signal = rician(rng_noise, dwi_clean, sigma)
     else:
         # sigma is the noise of a stored pixel after the k-space transfer
         # (zero-filling, apodisation), i.e. what the background shows.
@@ -483,8 +662,10 @@ def generate_phantom(
             (geometry.shape[1], geometry.shape[2]), scanner.acquired_matrix,
             fermi_radius=scanner.fermi_radius,
         )
-        b0_signal = rician_acquired(rng_noise, s0 * bias * np.float32(gain), sigma, transfer)
-        dwi_signal = rician_acquired(rng_noise, sb * bias * np.float32(gain), sigma, transfer)
+        b0_clean, dwi_clean = _ghosts(plan, s0 * bias * np.float32(gain),
+                                      sb * bias * np.float32(gain))
+        b0_signal = rician_acquired(rng_noise, b0_clean, sigma, transfer)
+        dwi_signal = rician_acquired(rng_noise, dwi_clean, sigma, transfer)
     # The scanner computes the ADC with the nominal b-value it writes to the headers.
     adc = scanner_adc(b0_signal, dwi_signal, B_VALUE, background_threshold=5.0 * sigma)
 
@@ -517,6 +698,8 @@ def generate_phantom(
         tissue_fractions=tissue_fractions,
         domain=None if scanner_domain is None else scanner_domain.name,
         scanner=scanner,
+        mimics=plan.present,
+        mimic_parameters={n: plan.parameters.get(n, {}) for n in plan.present},
     )
     logger.debug(
         "phantom seed=%d class=%s grid=%s lesion %.2f mL domain %s",

@@ -1,7 +1,13 @@
 """Job database: SQLAlchemy models, migrations (alembic) and the JobStore."""
 
 from service.db.session import Database, upgrade_schema
-from service.db.store import DestinationDelivery, InstanceSignature, JobStore, JobSummary
+from service.db.store import (
+    DestinationDelivery,
+    InstanceSignature,
+    JobStore,
+    JobSummary,
+    validity_fields,
+)
 
 __all__ = [
     "Database",
@@ -10,4 +16,5 @@ __all__ = [
     "JobStore",
     "JobSummary",
     "upgrade_schema",
+    "validity_fields",
 ]

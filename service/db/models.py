@@ -86,6 +86,12 @@ class Job(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime())
     # A later job of the same study delivered a newer result version.
     superseded_by: Mapped[int | None] = mapped_column(Integer)
+    # Domain of validity of the result: "" (not assessed), "within" or "outside",
+    # and the reasons for "outside", one per line.
+    validity: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    validity_reasons: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # When an operator released a held (out-of-range) result for delivery.
+    released_at: Mapped[datetime | None] = mapped_column(DateTime())
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"

@@ -66,6 +66,11 @@ class JobSummary:
     next_attempt_at: datetime | None = None
     superseded_by: int | None = None
     result_dir: str = ""
+    #: "" (not assessed), "within" or "outside" the model's validated range.
+    validity: str = ""
+    validity_reasons: tuple[str, ...] = ()
+    #: When an operator released this job's held result (None: never held or not yet).
+    released_at: datetime | None = None
 
 
 def _summary(job: Job, instances: int = 0) -> JobSummary:
@@ -84,7 +89,22 @@ def _summary(job: Job, instances: int = 0) -> JobSummary:
         next_attempt_at=job.next_attempt_at,
         superseded_by=job.superseded_by,
         result_dir=job.result_dir,
+        validity=job.validity or "",
+        validity_reasons=tuple(r for r in (job.validity_reasons or "").split("\n") if r),
+        released_at=job.released_at,
     )
+
+
+def validity_fields(status: str, reasons: Sequence[str]) -> dict[str, object]:
+    """The job columns that record a result's domain of validity (for ``transition(fields=)``).
+
+    Reasons are stored one per line; a line break inside a reason becomes a
+    space rather than failing a job over a cosmetic detail.
+    """
+    if status not in ("within", "outside"):
+        raise ValueError(f"validity must be 'within' or 'outside', got {status!r}")
+    lines = (" ".join(r.splitlines()) for r in reasons)
+    return {"validity": status, "validity_reasons": "\n".join(line for line in lines if line)}
 
 
 class JobStore:
@@ -321,6 +341,36 @@ class JobStore:
         return self.transition(
             job_id, JobState.QUEUED, reason, expect=(JobState.FAILED,), fields={"next_attempt_at": None}
         )
+
+    def release(self, job_id: int, reason: str = "released by operator") -> bool:
+        """Queue a held (out-of-range) result for delivery; False unless the job is held.
+
+        ``released_at`` tells the worker not to hold it again: it delivers the
+        results the held attempt wrote (or, if those are gone, a re-run of
+        the same study) flagged as outside the validated range.
+        """
+        return self.transition(
+            job_id, JobState.QUEUED, reason, expect=(JobState.HELD,), fields={"released_at": utcnow()}
+        )
+
+    def newer_delivered(self, job_id: int) -> int | None:
+        """The newest later job of the same study that was delivered (None: there is none).
+
+        Releasing a held job after a newer result of the study reached PACS
+        would put an older result version on top of it.
+        """
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return None
+            newer = s.scalar(
+                select(func.max(Job.id)).where(
+                    Job.study_instance_uid == job.study_instance_uid,
+                    Job.id > job_id,
+                    Job.state == JobState.DELIVERED.value,
+                )
+            )
+            return int(newer) if newer is not None else None
 
     def previous_result(self, job_id: int) -> JobSummary | None:
         """The newest delivered, not yet superseded, earlier job of the same study."""

@@ -58,6 +58,7 @@ from service.derive.sources import grid_geometry
 from service.derive.sr import (
     ReportedFindings,
     ReportedLesion,
+    ReportedMimic,
     build_volume_report,
     read_lesion_findings,
     read_lesion_volume_ml,
@@ -73,6 +74,7 @@ __all__ = [
     "LesionFindings",
     "ReportedFindings",
     "ReportedLesion",
+    "ReportedMimic",
     "SliceReference",
     "SliceSources",
     "SourceLayout",

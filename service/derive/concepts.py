@@ -68,6 +68,14 @@ __all__ = [
     "borderline_fraction_code",
     "adc_core_method_code",
     "core_volume_below_code",
+    "DOMAIN_OF_VALIDITY",
+    "WITHIN_VALIDATED_RANGE",
+    "OUTSIDE_RANGE_REASON",
+    "VALIDITY_NOTE",
+    "VALIDITY_MEASURE",
+    "DWI_MIMIC",
+    "RELATIVE_ADC",
+    "NOT_COUNTED_REASON",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,6 +159,34 @@ CONNECTED_COMPONENTS_26 = private_code("CC3D26", "3-D connected components, 26-c
 MEAN_LESION_PROBABILITY = private_code("MEANPROB", "Mean lesion probability")
 #: Text: a lesion's slices as InstanceNumbers and indices.
 SLICE_RANGE = private_code("SLICERANGE", "Slice range")
+
+# Domain of validity (see service.assess.validity).  No standard concept says
+# "this algorithm's result lies inside the range it was validated on", so the
+# statement is a private Yes/No question (value SCT Yes/No, like the core-volume
+# comparisons) with the reasons, notes and checked measures as TEXT.
+#: Text: the one-line statement ("within the model's validated range" / "OUTSIDE ...").
+DOMAIN_OF_VALIDITY = private_code("VALIDITY", "Domain of validity")
+#: Yes/No: is the result inside the algorithm's validated range?
+WITHIN_VALIDATED_RANGE = private_code("WITHINRANGE", "Result within the algorithm's validated range")
+#: Text, one item per reason the result is outside the validated range.
+OUTSIDE_RANGE_REASON = private_code("RANGEREASON", "Reason the result is outside the validated range")
+#: Text: a fact that does not put the result outside the range (b-value harmonisation,
+#: calibrated ADC core threshold).
+VALIDITY_NOTE = private_code("VALIDITYNOTE", "Domain of validity note")
+#: Text "name=value": a measure of the input checked against the validated range.
+VALIDITY_MEASURE = private_code("VALIDITYMEASURE", "Measure checked against the validated range")
+
+# Components the restricted-diffusion guard set aside (service.assess.guard): bright
+# on DWI but not dark on ADC (T2 shine-through, subacute/chronic lesion, artefact).
+# SCT has no concept for "DWI hyperintensity without restricted diffusion" and none
+# for a relative ADC, hence private codes.  The finding type is deliberately not
+# Infarct, so no reader adds these to the lesion.
+#: Finding type of a set-aside component.
+DWI_MIMIC = private_code("DWIMIMIC", "DWI hyperintensity without restricted diffusion")
+#: Mean ADC of a component / median ADC of normal-appearing brain (UCUM "1").
+RELATIVE_ADC = private_code("RADC", "ADC relative to normal-appearing brain (rADC)")
+#: Text: why a component is not counted as lesion.
+NOT_COUNTED_REASON = private_code("NOTCOUNTED", "Reason not counted as lesion")
 
 
 def _num(value: float) -> str:

@@ -26,8 +26,10 @@ Design choices, and why:
   (not grey, so it cannot be mistaken for signal).  Every other image pixel
   is the windowed DWI grey value, untouched.
 * **Text** goes in a black banner *below* the image, never over anatomy:
-  the configurable label (default "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"),
-  lesion volume (and count, with findings), model name and version, and
+  for a result outside the model's validated range first a warning
+  "OUTSIDE VALIDATED RANGE: <first reason> (+n MORE, SEE SR)" (the full list
+  is in the SR), then the configurable label (default "RESEARCH USE ONLY - NOT
+  FOR DIAGNOSIS"), lesion volume (and count, with findings), model name and version, and
   "IMAGE k OF n", drawn with :mod:`service.derive.font`.  The ADC-core
   volume is deliberately not burned in: a voxel-wise ADC threshold picks up
   noise and partial-volume voxels, and a number on a picture cannot carry the
@@ -76,10 +78,12 @@ from service.derive.sources import (
     spatial_order,
     with_patient_study_fallbacks,
 )
+from service.domain import DomainOfValidity
 
 __all__ = [
     "DEFAULT_OUTLINE_RGB",
     "DEFAULT_OVERLAY_LABEL",
+    "OUTSIDE_RANGE_WARNING",
     "OverlayLayout",
     "auto_window",
     "build_overlay_series",
@@ -87,11 +91,14 @@ __all__ = [
     "overlay_layout",
     "render_overlay_slice",
     "summary_lines",
+    "validity_line",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OVERLAY_LABEL = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+#: First burned-in line of a result outside the model's validated range.
+OUTSIDE_RANGE_WARNING = "OUTSIDE VALIDATED RANGE"
 DEFAULT_OUTLINE_RGB: tuple[int, int, int] = (255, 0, 0)
 _LABEL_RGB: tuple[int, int, int] = (255, 255, 0)
 _TEXT_RGB: tuple[int, int, int] = (255, 255, 255)
@@ -193,6 +200,20 @@ def lesion_outline(mask_slice: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return outline
 
 
+def validity_line(validity: DomainOfValidity | None) -> str | None:
+    """The burned-in warning for a result outside the validated range (None: within/unknown).
+
+    Only the first reason is burned in, with a count of the others: a banner
+    that lists five reasons pushes the volume off a phone screen, and the SR
+    holds them all.
+    """
+    if validity is None or validity.within:
+        return None
+    first, rest = validity.reasons[0], len(validity.reasons) - 1
+    more = f" (+{rest} MORE, SEE SR)" if rest else ""
+    return f"{OUTSIDE_RANGE_WARNING}: {first}{more}"
+
+
 def summary_lines(
     lesion_volume_ml: float,
     algorithm: AlgorithmInfo,
@@ -200,8 +221,15 @@ def summary_lines(
     label: str = DEFAULT_OVERLAY_LABEL,
     findings: LesionFindings | None = None,
 ) -> list[str]:
-    """The burned-in summary, label first (one entry per logical line, before wrapping)."""
-    lines = [label] if label.strip() else []
+    """The burned-in summary (one entry per logical line, before wrapping).
+
+    An out-of-range warning comes first (a picture seen without its SR must
+    not look like a validated result), then the label, the volume and the model.
+    """
+    warning = validity_line(findings.validity if findings is not None else None)
+    lines = [warning] if warning else []
+    if label.strip():
+        lines.append(label)
     volume = f"LESION VOLUME {lesion_volume_ml:.1f} ML"
     if findings is not None:
         count = findings.lesion_count
@@ -383,8 +411,12 @@ def build_overlay_series(
     n = len(sources)
     probe = overlay_layout(rows, columns, 0, min_size=min_size)
     common: list[tuple[str, tuple[int, int, int]]] = []
+    # The warning (when there is one) and the label are highlighted; the numbers are white.
+    highlighted = int(label.strip() != "") + int(
+        validity_line(findings.validity if findings is not None else None) is not None
+    )
     for k, line in enumerate(summary):
-        rgb = _LABEL_RGB if (k == 0 and label.strip()) else _TEXT_RGB
+        rgb = _LABEL_RGB if k < highlighted else _TEXT_RGB
         common.extend((part, rgb) for part in wrap(line, probe.chars_per_line))
     layout = overlay_layout(rows, columns, len(common) + 1, min_size=min_size)
 

@@ -50,7 +50,24 @@ definition is in :mod:`service.derive.findings`:
   only)", and a Comment saying that these compare volumes and are not
   treatment advice;
 * model name/version and preprocessing profile: TID 4019 Algorithm
-  Identification (profile as the parameter ``preprocessing_profile=...``).
+  Identification (profile as the parameter ``preprocessing_profile=...``);
+* the **domain of validity** (:class:`~service.domain.DomainOfValidity`,
+  when the findings carry one), as the *first* group of Imaging Measurements,
+  before any number it qualifies: a TID 1501 group "Domain of validity" with
+  the Yes/No item 99STROKESEG WITHINRANGE "Result within the algorithm's
+  validated range" (SCT Yes/No), the one-line statement as TEXT
+  (99STROKESEG VALIDITY: "within the model's validated range" or
+  "OUTSIDE VALIDATED RANGE: <reasons>"), one TEXT per reason (RANGEREASON),
+  the notes (VALIDITYNOTE: b-value harmonisation, calibrated ADC core
+  threshold) and the checked measures as "name=value" (VALIDITYMEASURE);
+* **one TID 1411 group per component the restricted-diffusion guard set
+  aside** ("DWI hyperintensity without restricted diffusion k of n": T2
+  shine-through, subacute/chronic lesion or artefact), built like a lesion
+  group (centre-of-mass point, source images, slice range, volume, mean ADC)
+  plus rADC (99STROKESEG RADC, UCUM "1") and the reason (TEXT NOTCOUNTED),
+  with finding type 99STROKESEG DWIMIMIC instead of Infarct, so that it is
+  in neither the lesion volume nor the count; a Comment in the lesion group
+  says how many there are and their volume.
 
 Private codes (99STROKESEG, see :mod:`service.derive.concepts`) are declared
 in the CodingSchemeIdentificationSequence.
@@ -66,7 +83,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
@@ -88,6 +105,8 @@ from service.derive.concepts import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
     DEFAULT_MANUFACTURER,
     DEFAULT_SOFTWARE_VERSION,
+    DOMAIN_OF_VALIDITY,
+    DWI_MIMIC,
     IMAGE_QUALITY,
     INFARCT,
     LESION_CATEGORY,
@@ -98,15 +117,21 @@ from service.derive.concepts import (
     MILLILITER,
     NO,
     NO_UNITS,
+    NOT_COUNTED_REASON,
     NUMBER_OF_LESIONS,
+    OUTSIDE_RANGE_REASON,
     PRESENCE_OF_PROPERTY,
     PRESENT,
     PRIVATE_SCHEME,
+    RELATIVE_ADC,
     SIZE_DESCRIPTOR,
     SIZE_VALUES,
     SLICE_RANGE,
     UM2_PER_S,
+    VALIDITY_MEASURE,
+    VALIDITY_NOTE,
     VOLUME,
+    WITHIN_VALIDATED_RANGE,
     YES,
     adc_core_method_code,
     borderline_fraction_code,
@@ -119,11 +144,13 @@ from service.derive.findings import Lesion, LesionFindings
 from service.derive.references import SliceSources, as_slice_sources
 from service.derive.seg import lesion_tracking_uid
 from service.derive.sources import with_patient_study_fallbacks
+from service.domain import DiffusionMimic, DomainOfValidity
 
 __all__ = [
     "CORE_VOLUME_DISCLAIMER",
     "ReportedFindings",
     "ReportedLesion",
+    "ReportedMimic",
     "build_volume_report",
     "read_lesion_findings",
     "read_lesion_volume_ml",
@@ -156,6 +183,15 @@ _SIZE_COMMENT = (
     "Size Descriptor per lesion by volume: Small below 1.7 mL, Medium 1.7 to 14 mL, "
     "Large above 14 mL. Lesions are 3-D connected components of the segment "
     "(26-connectivity)."
+)
+#: Tracking Identifier of the domain-of-validity group (the first measurement group).
+VALIDITY_TRACKING_ID = "Domain of validity"
+#: Tracking Identifier of the k-th set-aside component.
+_MIMIC_TRACKING_ID = "DWI hyperintensity without restricted diffusion {k} of {n}"
+_MIMIC_COMMENT = (
+    "{n} DWI-bright component{s} without restricted diffusion (T2 shine-through, subacute or "
+    "chronic lesion, or artefact), {ml} mL in all, {verb} listed separately and not counted in "
+    "the lesion volume or the lesion count."
 )
 _SLICE_RANGE_TEXT = "InstanceNumber {a} to {b}; slice index {i} to {j} of {n}"
 _SLICE_RANGE_RE = re.compile(
@@ -227,15 +263,13 @@ def _append(group: Template, items: Sequence[hd.sr.ContentItem]) -> None:
         group[0].ContentSequence.extend(items)
 
 
-def _slice_range_text(lesion: Lesion, sources: SliceSources) -> str:
-    """The lesion's slices; InstanceNumbers only where each slice is an image of its own
+def _slice_range_text(first_slice: int, last_slice: int, sources: SliceSources) -> str:
+    """A component's slices; InstanceNumbers only where each slice is an image of its own
     (frames and MOSAIC tiles share their object's, so they are "unknown")."""
-    numbers = [sources.instance_number(i) for i in range(lesion.first_slice, lesion.last_slice + 1)]
+    numbers = [sources.instance_number(i) for i in range(first_slice, last_slice + 1)]
     known = [n for n in numbers if n is not None]
     a, b = (str(min(known)), str(max(known))) if len(known) == len(numbers) else ("unknown",) * 2
-    return _SLICE_RANGE_TEXT.format(
-        a=a, b=b, i=lesion.first_slice, j=lesion.last_slice, n=len(sources)
-    )
+    return _SLICE_RANGE_TEXT.format(a=a, b=b, i=first_slice, j=last_slice, n=len(sources))
 
 
 def _check_findings(findings: LesionFindings, volume: float, sources: SliceSources) -> None:
@@ -251,6 +285,8 @@ def _check_findings(findings: LesionFindings, volume: float, sources: SliceSourc
         frame_shape = (int(first.Rows), int(first.Columns))
     if frame_shape is not None and frame_shape != findings.shape[1:]:
         raise ValueError("findings were computed on another image size than the sources")
+    if any(m.last_slice >= len(sources) for m in findings.mimics):
+        raise ValueError("a set-aside component lies on slices beyond the source images")
     if not math.isclose(findings.total_volume_ml, volume, rel_tol=_VOLUME_RTOL, abs_tol=1e-9):
         raise ValueError(
             f"findings give a lesion volume of {findings.total_volume_ml} mL but the report "
@@ -298,7 +334,95 @@ def _lesion_group(
             )
         ],
     )
-    _append(group, [_text(SLICE_RANGE, _slice_range_text(lesion, sources))])
+    _append(group, [_text(SLICE_RANGE, _slice_range_text(lesion.first_slice, lesion.last_slice, sources))])
+    return group
+
+
+def _validity_group(
+    validity: DomainOfValidity,
+    main_tracking_uid: str,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 stating whether the result lies inside the algorithm's validated range.
+
+    It is the first measurement group, so a reader (or a viewer rendering the
+    tree in order) meets the statement before any number it qualifies.  The
+    coded Yes/No answer is for machines; the TEXT summary, one TEXT per reason,
+    the notes and the checked measures are for the radiologist.
+    """
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid("domain-of-validity", main_tracking_uid),
+            identifier=VALIDITY_TRACKING_ID,
+        ),
+        algorithm_id=algorithm_id,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=WITHIN_VALIDATED_RANGE, value=YES if validity.within else NO
+            )
+        ],
+    )
+    items = [_text(DOMAIN_OF_VALIDITY, validity.summary())]
+    items += [_text(OUTSIDE_RANGE_REASON, reason) for reason in validity.reasons]
+    items += [_text(VALIDITY_NOTE, note) for note in validity.notes]
+    items += [_text(VALIDITY_MEASURE, f"{name}={value:.6g}") for name, value in validity.measures]
+    _append(group, items)
+    return group
+
+
+def _mimic_group(
+    mimic: DiffusionMimic,
+    number: int,
+    count: int,
+    main_tracking_uid: str,
+    sources: SliceSources,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for a component set aside by the restricted-diffusion guard.
+
+    Built like a per-lesion group (centre-of-mass point, the slices it spans,
+    volume, mean ADC) so the radiologist can find what the network saw, but
+    with finding type :data:`DWI_MIMIC` instead of Infarct: no reader that
+    sums Infarct groups counts it.  rADC and the reason say why it is not a
+    lesion.
+    """
+    measurements = [hd.sr.Measurement(name=VOLUME, value=mimic.volume_ml, unit=MILLILITER)]
+    if mimic.mean_adc is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=APPARENT_DIFFUSION_COEFFICIENT,
+                value=mimic.mean_adc,
+                unit=UM2_PER_S,
+                derivation=MEAN,
+            )
+        )
+    if mimic.relative_adc is not None:
+        measurements.append(
+            hd.sr.Measurement(name=RELATIVE_ADC, value=mimic.relative_adc, unit=NO_UNITS)
+        )
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid("dwi-mimic", main_tracking_uid, str(number)),
+            identifier=_MIMIC_TRACKING_ID.format(k=number, n=count),
+        ),
+        referenced_volume_surface=hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.asarray([mimic.centroid_mm], dtype=np.float64),
+            frame_of_reference_uid=str(sources.first.FrameOfReferenceUID),
+            source_images=sources.sr_source_images(mimic.first_slice, mimic.last_slice + 1),
+        ),
+        geometric_purpose=CENTER_OF_MASS,
+        finding_type=DWI_MIMIC,
+        algorithm_id=algorithm_id,
+        measurements=measurements,
+    )
+    _append(
+        group,
+        [
+            _text(SLICE_RANGE, _slice_range_text(mimic.first_slice, mimic.last_slice, sources)),
+            _text(NOT_COUNTED_REASON, mimic.reason),
+        ],
+    )
     return group
 
 
@@ -477,6 +601,19 @@ def build_volume_report(
                     "counted and included in the total volume but not itemised.",
                 )
             )
+        if findings.mimics:
+            n = len(findings.mimics)
+            texts.append(
+                _text(
+                    COMMENT,
+                    _MIMIC_COMMENT.format(
+                        n=n,
+                        s="" if n == 1 else "s",
+                        ml=f"{sum(m.volume_ml for m in findings.mimics):.3g}",
+                        verb="is" if n == 1 else "are",
+                    ),
+                )
+            )
 
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -505,10 +642,18 @@ def build_volume_report(
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = [group]
+    if findings is not None and findings.validity is not None:
+        # First: the statement qualifies every number after it.
+        groups.insert(0, _validity_group(findings.validity, main_tracking_uid, algorithm_id))
     if findings is not None:
         groups.extend(
             _lesion_group(lesion, findings.lesion_count, main_tracking_uid, sources, algorithm_id)
             for lesion in findings.lesions[:max_itemised_lesions]
+        )
+        n_mimics = len(findings.mimics)
+        groups.extend(
+            _mimic_group(mimic, k, n_mimics, main_tracking_uid, sources, algorithm_id)
+            for k, mimic in enumerate(findings.mimics, start=1)
         )
         groups.append(
             _core_group(findings, main_tracking_uid, algorithm_id, core_volume_cutoffs_ml)
@@ -574,6 +719,22 @@ class ReportedLesion:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportedMimic:
+    """One set-aside component (DWI-bright without restricted diffusion) read back from an SR."""
+
+    identifier: str
+    tracking_uid: str
+    volume_ml: float
+    mean_adc: float | None
+    relative_adc: float | None
+    centroid_mm: tuple[float, float, float]
+    source_sop_instance_uids: tuple[str, ...]
+    instance_numbers: tuple[int, int] | None
+    slice_indices: tuple[int, int]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReportedFindings:
     """What :func:`read_lesion_findings` finds in an SR (None: not reported)."""
 
@@ -593,6 +754,13 @@ class ReportedFindings:
     algorithm_version: str | None
     algorithm_parameters: tuple[str, ...]
     private_schemes: tuple[str, ...]
+    #: "within" | "outside" (None: the report makes no domain-of-validity statement).
+    validity_status: str | None = None
+    validity_summary: str | None = None
+    validity_reasons: tuple[str, ...] = ()
+    validity_notes: tuple[str, ...] = ()
+    validity_measures: dict[str, float] = field(default_factory=dict)
+    mimics: tuple[ReportedMimic, ...] = ()
 
 
 def _parse_report(sr_dataset: Dataset) -> hd.sr.MeasurementReport:
@@ -667,17 +835,13 @@ def _code_value(group: Template, name: hd.sr.CodedConcept) -> hd.sr.CodedConcept
     return None
 
 
-def _read_lesion(
+def _point_and_sources(
     group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
-) -> ReportedLesion:
-    (volume,) = group.get_measurements(name=VOLUME)
-    size = _code_value(group, SIZE_DESCRIPTOR)
-    sizes = {v.value: k for k, v in SIZE_VALUES.items()}
-    if size is None or size.value not in sizes:
-        raise ValueError("a lesion group lacks its Size Descriptor")
+) -> tuple[tuple[float, float, float], tuple[str, ...]]:
+    """The centre-of-mass point and the SOP Instance UIDs of the images it spans."""
     roi = group.roi
     if not isinstance(roi, hd.sr.VolumeSurface):
-        raise ValueError("a lesion group's ROI must be a volume surface (centre of mass)")
+        raise ValueError("a component group's ROI must be a volume surface (centre of mass)")
     point = np.asarray(roi.graphic_data, dtype=float).reshape(-1)
     uids = tuple(
         str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
@@ -686,22 +850,105 @@ def _read_lesion(
         and hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
         == codes.DCM.SourceImageForSegmentation
     )
+    return (float(point[0]), float(point[1]), float(point[2])), uids
+
+
+def _slice_range(group: Template) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """(InstanceNumbers or None, slice indices) from a group's slice-range TEXT."""
     (slice_text,) = _texts(group, SLICE_RANGE)
     match = _SLICE_RANGE_RE.fullmatch(slice_text)
     if match is None:
         raise ValueError(f"unreadable slice range {slice_text!r}")
     a, b, i, j, _ = match.groups()
+    return (None if a == "unknown" else (int(a), int(b))), (int(i), int(j))
+
+
+def _read_mimic(
+    group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+) -> ReportedMimic:
+    (volume,) = group.get_measurements(name=VOLUME)
+    centroid, uids = _point_and_sources(group)
+    instance_numbers, slice_indices = _slice_range(group)
+    reasons = _texts(group, NOT_COUNTED_REASON)
+    if len(reasons) != 1:
+        raise ValueError("a set-aside component needs exactly one reason")
+    return ReportedMimic(
+        identifier=str(group.tracking_identifier),
+        tracking_uid=str(group.tracking_uid),
+        volume_ml=_in_ml(volume),
+        mean_adc=_mean_adc(group),
+        relative_adc=_one_value(group, RELATIVE_ADC),
+        centroid_mm=centroid,
+        source_sop_instance_uids=uids,
+        instance_numbers=instance_numbers,
+        slice_indices=slice_indices,
+        reason=reasons[0],
+    )
+
+
+def _read_lesion(
+    group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+) -> ReportedLesion:
+    (volume,) = group.get_measurements(name=VOLUME)
+    size = _code_value(group, SIZE_DESCRIPTOR)
+    sizes = {v.value: k for k, v in SIZE_VALUES.items()}
+    if size is None or size.value not in sizes:
+        raise ValueError("a lesion group lacks its Size Descriptor")
+    centroid, uids = _point_and_sources(group)
+    instance_numbers, slice_indices = _slice_range(group)
     return ReportedLesion(
         identifier=str(group.tracking_identifier),
         tracking_uid=str(group.tracking_uid),
         volume_ml=_in_ml(volume),
         mean_adc=_mean_adc(group),
         size=sizes[size.value],
-        centroid_mm=(float(point[0]), float(point[1]), float(point[2])),
+        centroid_mm=centroid,
         source_sop_instance_uids=uids,
-        instance_numbers=None if a == "unknown" else (int(a), int(b)),
-        slice_indices=(int(i), int(j)),
+        instance_numbers=instance_numbers,
+        slice_indices=slice_indices,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _ReportedValidity:
+    status: str
+    summary: str | None
+    reasons: tuple[str, ...]
+    notes: tuple[str, ...]
+    measures: dict[str, float]
+
+
+def _read_validity(content: hd.sr.MeasurementReport) -> _ReportedValidity | None:
+    """The domain-of-validity group (the one with the Yes/No "within range" item), if any."""
+    found: list[_ReportedValidity] = []
+    for group in content.get_image_measurement_groups():
+        answer = _code_value(group, WITHIN_VALIDATED_RANGE)
+        if answer is None:
+            continue
+        if answer not in (YES, NO):
+            raise ValueError("the domain-of-validity answer must be SCT Yes or No")
+        summaries = _texts(group, DOMAIN_OF_VALIDITY)
+        reasons = tuple(_texts(group, OUTSIDE_RANGE_REASON))
+        if (answer == YES) == bool(reasons):
+            raise ValueError("a result is outside the validated range exactly when reasons are given")
+        measures: dict[str, float] = {}
+        for text in _texts(group, VALIDITY_MEASURE):
+            name, sep, value = text.partition("=")
+            if not sep:
+                raise ValueError(f"unreadable validity measure {text!r}")
+            measures[name] = float(value)
+        found.append(
+            _ReportedValidity(
+                status="within" if answer == YES else "outside",
+                summary=summaries[0] if summaries else None,
+                reasons=reasons,
+                notes=tuple(_texts(group, VALIDITY_NOTE)),
+                measures=measures,
+            )
+        )
+    if len(found) > 1:
+        raise ValueError("more than one domain-of-validity statement")
+    return found[0] if found else None
 
 
 def read_lesion_volume_ml(sr_dataset: Dataset) -> float:
@@ -790,6 +1037,10 @@ def read_lesion_findings(sr_dataset: Dataset) -> ReportedFindings:
         elif name == codes.DCM.AlgorithmParameters:
             parameters.append(str(item.TextValue))
 
+    validity = _read_validity(content)
+    mimic_groups = content.get_volumetric_roi_measurement_groups(
+        finding_type=DWI_MIMIC, reference_type=codes.DCM.VolumeSurface
+    )
     count_method = count_items[0].method if count_items else None
     return ReportedFindings(
         lesion_volume_ml=_in_ml(volume),
@@ -811,4 +1062,10 @@ def read_lesion_findings(sr_dataset: Dataset) -> ReportedFindings:
             str(item.CodingSchemeDesignator)
             for item in sr_dataset.get("CodingSchemeIdentificationSequence", [])
         ),
+        validity_status=validity.status if validity else None,
+        validity_summary=validity.summary if validity else None,
+        validity_reasons=validity.reasons if validity else (),
+        validity_notes=validity.notes if validity else (),
+        validity_measures=validity.measures if validity else {},
+        mimics=tuple(_read_mimic(g) for g in mimic_groups),
     )
