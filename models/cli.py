@@ -243,7 +243,7 @@ def _domains(cases: list[Path]) -> set[str]:
 def export(
     checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="best.pt of a training or fine-tuning run.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder: model.onnx, model.yaml, SHA256SUMS.")],
-    name: Annotated[str, typer.Option(help="Model name on the card (and in the SR).")] = "unet2d-phantom",
+    name: Annotated[str, typer.Option(help="Model name on the card (and in the SR).")] = "unet2d-realanat",
     version: Annotated[str, typer.Option(help="Model version on the card.")] = "0.1.0",
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
     metrics: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSON of measured metrics for the card (e.g. from evaluate).")] = None,

@@ -24,7 +24,7 @@ from pydantic_settings import (
 from service.errors import ConfigError
 from service.preprocess.profiles import ProfileOptions, VendorWindow, VendorWindows, Window
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-phantom" / "0.2.0"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-realanat" / "0.3.0"
 
 _config_file: ContextVar[Path | None] = ContextVar("strokeseg_config_file", default=None)
 
@@ -96,6 +96,11 @@ class RestrictionGuardSettings(_Section):
     )
     max_relative_adc: float = Field(
         0.85, gt=0, description="A lesion's mean ADC / normal-appearing brain median ADC must be below this."
+    )
+    min_mean_adc: float = Field(
+        200.0, ge=0,
+        description="A lesion's mean ADC must be at least this (1e-6 mm2/s): fat (scalp, orbit) and "
+        "fit failures are DWI-bright with ADC ~0-150; acute infarct cores stay above ~250.",
     )
 
 

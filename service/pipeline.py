@@ -75,6 +75,7 @@ def assess_options(settings: AssessSettings, derive: DeriveSettings, model: Load
         restriction=RestrictionLimits(
             max_mean_adc=restriction.max_mean_adc,
             max_relative_adc=restriction.max_relative_adc,
+            min_mean_adc=restriction.min_mean_adc,
             enabled=restriction.enabled,
         ),
         validity=ValidityLimits(

@@ -241,3 +241,22 @@ def test_harmonising_profiles_feed_the_same_contrast_at_any_b() -> None:
         dwi_n, _ = profile(_study(trace, adc, b_value=b), ProfileOptions())
         inputs.append(dwi_n)
     np.testing.assert_allclose(inputs[0], inputs[1], rtol=1e-3, atol=1e-4)
+
+
+def test_guard_sets_aside_fat_bright_on_dwi_with_near_zero_adc() -> None:
+    """Scalp fat after a fat-suppression failure: bright on b1000, ADC ~0-150 (inside a head mask)."""
+    dwi, adc, brain = _head(13)
+    mask = np.zeros(SHAPE, bool)
+    rim = (slice(5, 15), slice(30, 34), slice(13, 16))
+    mask[rim] = True
+    adc[rim] = 80.0
+    study = _study(dwi, adc)
+    guarded = guard_restricted_diffusion(mask_segmentation := _segmentation(mask, study.dwi.voxel_volume_ml),
+                                         study.dwi, study.adc, brain)
+    assert guarded.segmentation.lesion_volume_ml == 0.0
+    (mimic,) = guarded.mimics
+    assert "implausibly low ADC" in mimic.reason and "mean ADC 80 < 200" in mimic.reason
+    permissive = guard_restricted_diffusion(
+        mask_segmentation, study.dwi, study.adc, brain, RestrictionLimits(min_mean_adc=0.0)
+    )
+    assert permissive.segmentation.mask[rim].all()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -191,7 +192,10 @@ def write_phantom_cases(
         if not (skip_existing and (out_dir / f"case_{i:04d}" / "truth" / "truth.json").exists())
     ]
     if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # "spawn", not fork: a caller that already ran SimpleITK, ONNX Runtime or torch has
+        # thread pools whose locks a forked child can inherit held (seen: a test run that
+        # registered an image with SimpleITK first hung in the child on a futex).
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for path in pool.map(_write_case, todo, chunksize=1):
                 logger.info("wrote %s", path)
     else:

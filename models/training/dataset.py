@@ -5,9 +5,9 @@ DICOM files with :func:`service.intake.load_study` and normalised/resampled
 with :func:`service.preprocess.to_model_input`, exactly as at inference.  The
 ground-truth mask (native DWI grid) goes to the model grid with
 :func:`service.preprocess.resample_to_model_grid` (linear, so targets are
-soft at the border).  The result is cached as one ``.npz`` per case set,
-keyed by grid, profile, the case folders and their truth.json, because reading 200 studies
-takes minutes and the arrays are fully determined by those inputs.
+soft at the border).  The result is cached as one ``.npz`` per case, keyed by grid, profile, the case folder and its truth mask,
+because reading 200 studies takes minutes, the arrays are fully determined by those
+inputs, and cross-validation folds share most of their cases.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from service.preprocess import ModelGrid, resample_to_model_grid, to_model_input
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -83,24 +83,34 @@ def _cache_key(case_dirs: list[Path], grid: ModelGrid, profile: str) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _case_cache_path(cache_dir: Path, case_dir: Path, grid: ModelGrid, profile: str) -> Path:
+    """One cached array file per case, keyed like :func:`_cache_key`, so that runs over
+    overlapping case sets (cross-validation folds) preprocess each study once."""
+    return cache_dir / "cases" / f"{_cache_key([case_dir], grid, profile)}.npz"
+
+
+def _case_arrays_cached(
+    case_dir: Path, grid: ModelGrid, profile: str, cache_dir: Path | None
+) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.float16], float, float]:
+    path = _case_cache_path(cache_dir, case_dir, grid, profile) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            return z["images"], z["targets"], float(z["truth_ml"]), float(z["voxel_ml"])
+    tensor, target, truth_ml, vox_ml = study_arrays(case_dir, grid, profile)
+    images = tensor.astype(np.float16)
+    targets = np.clip(target, 0.0, 1.0).astype(np.float16)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, targets=targets, truth_ml=truth_ml, voxel_ml=vox_ml)
+        tmp.replace(path)
+    return images, targets, truth_ml, vox_ml
+
+
 def load_case_arrays(
     case_dirs: list[Path], grid: ModelGrid, profile: str, cache_dir: Path | None = None
 ) -> CaseArrays:
-    """Arrays of ``case_dirs`` on the model grid, from the cache when present."""
-    cache_path = None
-    if cache_dir is not None:
-        cache_path = cache_dir / f"model-input-{_cache_key(case_dirs, grid, profile)}.npz"
-        if cache_path.is_file():
-            with np.load(cache_path) as z:
-                logger.info("using cached model inputs %s", cache_path)
-                return CaseArrays(
-                    images=z["images"],
-                    targets=z["targets"],
-                    case_index=z["case_index"],
-                    truth_volume_ml=z["truth_volume_ml"],
-                    model_voxel_ml=z["model_voxel_ml"],
-                    case_names=tuple(str(n) for n in z["case_names"]),
-                )
+    """Arrays of ``case_dirs`` on the model grid, each case from the cache when present."""
     images: list[npt.NDArray[np.float16]] = []
     targets: list[npt.NDArray[np.float16]] = []
     index: list[npt.NDArray[np.int32]] = []
@@ -108,9 +118,9 @@ def load_case_arrays(
     voxel_ml: list[float] = []
     started = time.perf_counter()
     for i, case_dir in enumerate(case_dirs):
-        tensor, target, truth_ml, vox_ml = study_arrays(case_dir, grid, profile)
-        images.append(tensor.astype(np.float16))
-        targets.append(np.clip(target, 0.0, 1.0).astype(np.float16))
+        tensor, target, truth_ml, vox_ml = _case_arrays_cached(case_dir, grid, profile, cache_dir)
+        images.append(tensor)
+        targets.append(target)
         index.append(np.full(tensor.shape[0], i, dtype=np.int32))
         volumes.append(truth_ml)
         voxel_ml.append(vox_ml)
@@ -119,7 +129,7 @@ def load_case_arrays(
                 "preprocessed %d/%d studies (%.0f s)", i + 1, len(case_dirs),
                 time.perf_counter() - started,
             )
-    arrays = CaseArrays(
+    return CaseArrays(
         images=np.concatenate(images),
         targets=np.concatenate(targets),
         case_index=np.concatenate(index),
@@ -127,17 +137,3 @@ def load_case_arrays(
         model_voxel_ml=np.asarray(voxel_ml),
         case_names=tuple(p.name for p in case_dirs),
     )
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            images=arrays.images,
-            targets=arrays.targets,
-            case_index=arrays.case_index,
-            truth_volume_ml=arrays.truth_volume_ml,
-            model_voxel_ml=arrays.model_voxel_ml,
-            case_names=np.asarray(arrays.case_names),
-        )
-        tmp.replace(cache_path)
-    return arrays

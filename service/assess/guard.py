@@ -11,7 +11,9 @@ ADC of 0.88-1.24).  This guard applies the physics after the network:
 * nothing outside the brain mask ever counts;
 * each remaining 26-connected component counts only if its mean ADC is below
   an absolute limit **and** below a limit relative to the normal-appearing
-  brain (rADC).  The reference is the median ADC of brain voxels that are
+  brain (rADC), and not implausibly low for tissue: fat (a fat-suppression
+  failure on the scalp or orbit, ADC ~0-150) and fit failures are bright on
+  DWI with an ADC no infarct has (acute cores bottom out at ~250-300).  The reference is the median ADC of brain voxels that are
   neither predicted lesion nor fluid (ADC < 1500 x 1e-6 mm2/s), which is
   grey and white matter whatever the scanner's calibration.
 
@@ -46,10 +48,13 @@ class RestrictionLimits:
     max_mean_adc: float = 750.0
     max_relative_adc: float = 0.85
     enabled: bool = True
+    min_mean_adc: float = 200.0
 
     def __post_init__(self) -> None:
         if not (self.max_mean_adc > 0 and self.max_relative_adc > 0):
             raise ValueError("restriction limits must be positive")
+        if not 0 <= self.min_mean_adc < self.max_mean_adc:
+            raise ValueError("min_mean_adc must lie in [0, max_mean_adc)")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -143,6 +148,8 @@ def guard_restricted_diffusion(
             else:
                 if mean >= limits.max_mean_adc:
                     problems.append(f"mean ADC {mean:.0f} >= {limits.max_mean_adc:g}")
+                if mean < limits.min_mean_adc:
+                    problems.append(f"mean ADC {mean:.0f} < {limits.min_mean_adc:g}: fat or fit failure, not tissue")
                 if relative is not None and relative >= limits.max_relative_adc:
                     problems.append(f"rADC {relative:.2f} >= {limits.max_relative_adc:g}")
             if not problems:
@@ -150,7 +157,12 @@ def guard_restricted_diffusion(
             component = labels == i
             kept &= ~component
             if component.sum() * voxel_ml >= MIN_LISTED_MIMIC_ML:
-                reason = "DWI hyperintensity without restricted diffusion (" + ", ".join(problems) + ")"
+                what = (
+                    "DWI hyperintensity with implausibly low ADC"
+                    if mean is not None and mean < limits.min_mean_adc
+                    else "DWI hyperintensity without restricted diffusion"
+                )
+                reason = f"{what} (" + ", ".join(problems) + ")"
                 mimics.append(_component_mimic(component, values, dwi, reason, mean, relative))
     mimics.sort(key=lambda m: -m.volume_ml)
     volume = float(kept.sum()) * voxel_ml

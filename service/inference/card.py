@@ -62,6 +62,12 @@ class ModelCard(_Strict):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     intended_use: str = "Research use only. Not for diagnosis."
     training_data: str = ""
+    #: What the network sees when the scan's b-value is not ~1000 (the profile's harmonisation,
+    #: and how the ADC core threshold is calibrated): text for people, not read by code.
+    b_value_harmonisation: str = ""
+    #: The acquisition range the model was validated on (b-values, scanners, slice spacing ...).
+    validated_range: dict[str, Any] = Field(default_factory=dict)
+    limitations: str = ""
     reproduce: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
 
