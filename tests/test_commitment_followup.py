@@ -623,7 +623,8 @@ def test_jobs_command_shows_delivery_and_commitment_per_destination(tmp_path: Pa
     result = run_cli(config, "jobs")
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.strip().splitlines()
-    assert header.split("\t")[-1] == "delivery"
+    names = header.split("\t")
+    assert names[7] == "delivery" and names[-1] == "validity"
     column = {int(line.split("\t")[0]): line.split("\t")[7] for line in lines}
     assert column[ok_job] == "orthanc: stored 2/2, committed 2/2"
     assert column[wait_job] == (
