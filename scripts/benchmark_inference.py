@@ -13,6 +13,8 @@ Default bundles: every ``models/zoo/*/*`` folder.  For each bundle it prints
 * ``study``: ``service.inference.segment_lesion`` on a 25-slice phantom study
   read through intake: preprocessing + network + resampling back to the DWI
   grid, i.e. what a worker spends per study after the DICOM files are read;
+* ``assess``: the brain mask, the restricted-diffusion guard and the
+  domain-of-validity checks on that study's segmentation (``service.assess``);
 * ``intake``: reading the study's DICOM files (``load_study``), for scale.
 
 Median and min over ``--repeats`` runs after one warm-up run.  The target for
@@ -119,6 +121,13 @@ def benchmark(bundle: Path, threads: int, repeats: int, study: Any) -> None:
     model = load_model(bundle, intra_op_threads=threads)
     median, best = _time(lambda: segment_lesion(loaded, model), repeats)
     print(f"  study    segment_lesion ({model.provider})  median {median:6.3f} s  min {best:6.3f} s")
+    from service.assess import AssessOptions, assess
+    from service.preprocess import HARMONISING_PROFILES, brain_mask
+
+    options = AssessOptions(harmonised=card.preprocessing_profile in HARMONISING_PROFILES)
+    segmentation = segment_lesion(loaded, model)
+    median, best = _time(lambda: assess(loaded, segmentation, brain_mask(loaded.dwi), options), repeats)
+    print(f"  assess   brain mask + guard + validity          median {median:6.3f} s  min {best:6.3f} s")
     median, best = _time(lambda: load_study(paths), max(1, repeats // 2))
     print(f"  intake   load_study ({len(paths)} files)            median {median:6.3f} s  min {best:6.3f} s")
 
