@@ -1,7 +1,8 @@
 """Assemble: decide when a study is complete and hand it to the queue.
 
 A study is complete when no instance of it arrived for
-``study.completion_timeout_s``, or, content-aware, earlier: once its high-b
+``study.completion_timeout_s`` (and, if its headers still say a part is
+missing, ``study.incomplete_extra_wait_s`` more, once), or, content-aware, earlier: once its high-b
 DWI series has a regular stack of slice positions, its ADC (or the b0
 needed to compute one) covers every one of them, and no image came for
 ``study.early_completion_grace_s``.  The grace period is what catches a
@@ -45,13 +46,19 @@ POSITION_DECIMALS = 1
 SPACING_TOLERANCE = 0.1
 
 
-def study_looks_complete(signatures: Sequence[InstanceSignature]) -> bool:
-    """True when a study's DWI and ADC/b0 look complete from their headers alone."""
+def study_completeness(signatures: Sequence[InstanceSignature]) -> bool | None:
+    """Whether a study's DWI and ADC/b0 look complete from their headers; None when headers can't tell.
+
+    Incomplete (False): no high-b DWI yet, a hole in its slice stack, no ADC
+    or b0 covering it, or a b0 of the DWI's series / an ADC overlapping it
+    with slice positions beyond it (a transfer cut after the first slices).
+    Multi-frame objects carry their slices inside, so the headers can't tell.
+    """
     if not signatures or any(sig.frames > 1 for sig in signatures):
-        return False  # multi-frame/unknown: let the idle timeout decide
+        return None
     high_b: dict[tuple[str, float], set[float]] = defaultdict(set)
     adc: dict[str, set[float]] = defaultdict(set)
-    b0: set[float] = set()
+    b0: dict[str, set[float]] = defaultdict(set)
     for sig in signatures:
         if sig.slice_position is None:
             continue
@@ -61,18 +68,30 @@ def study_looks_complete(signatures: Sequence[InstanceSignature]) -> bool:
         elif sig.role == "adc":
             adc[sig.series_instance_uid].add(position)
         elif sig.role == "b0":
-            b0.add(position)
+            b0[sig.series_instance_uid].add(position)
     if not high_b:
         return False
     b_max = max(b for _, b in high_b)
-    positions = max((p for (_, b), p in high_b.items() if b == b_max), key=len)
+    series, positions = max(
+        ((uid, p) for (uid, b), p in high_b.items() if b == b_max), key=lambda item: len(item[1])
+    )
     if len(positions) < MIN_SLICES:
         return False
     gaps = np.diff(sorted(positions))
     median = float(np.median(gaps))
     if median <= 0 or np.any(np.abs(gaps - median) > SPACING_TOLERANCE * median):
         return False  # a slice is still missing in the middle
-    return any(positions <= series for series in adc.values()) or positions <= b0
+    if b0.get(series, set()) - positions:
+        return False  # the DWI's own b0 has slices the DWI lacks
+    if any(other & positions and other - positions for other in adc.values()):
+        return False  # an ADC of the same slab has slices the DWI lacks
+    all_b0 = set().union(*b0.values()) if b0 else set()
+    return any(positions <= other for other in adc.values()) or positions <= all_b0
+
+
+def study_looks_complete(signatures: Sequence[InstanceSignature]) -> bool:
+    """True when a study's DWI and ADC/b0 look complete from their headers alone."""
+    return study_completeness(signatures) is True
 
 
 class StudyAssembler:
@@ -91,6 +110,7 @@ class StudyAssembler:
         commitment_timeout_s: float = 300.0,
         follow_up: Callable[[], Any] | None = None,
         follow_up_poll_s: float = 1.0,
+        incomplete_extra_wait_s: float = 0.0,
     ) -> None:
         self.store = store
         self.dispatch = dispatch
@@ -102,6 +122,8 @@ class StudyAssembler:
         self.commitment_timeout_s = commitment_timeout_s
         self.follow_up = follow_up
         self.follow_up_poll_s = follow_up_poll_s
+        self.incomplete_extra_wait_s = incomplete_extra_wait_s
+        self._waiting: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._follow_up_thread: threading.Thread | None = None
@@ -124,11 +146,7 @@ class StudyAssembler:
 
     def tick(self) -> list[int]:
         """Queue every study that has been idle long enough; returns the job ids."""
-        job_ids = self.store.complete_studies(self.completion_timeout_s)
-        for job_id in job_ids:
-            log.info("study idle; job %d queued", job_id, extra={"job_id": job_id})
-            metrics.JOBS_QUEUED.labels(trigger="idle").inc()
-            self._dispatch(job_id)
+        job_ids = self._queue_idle_studies()
         if self.early_completion_grace_s is not None:
             for job_id, study_uid in self.store.received_jobs(self.early_completion_grace_s):
                 if study_looks_complete(self.store.instance_signatures(study_uid)) and self.store.queue(
@@ -147,6 +165,43 @@ class StudyAssembler:
             for uid in self.commitments.flag_timed_out(self.commitment_timeout_s):
                 log.warning("storage commitment %s: no report after %.0f s", uid, self.commitment_timeout_s)
         return job_ids
+
+    def _queue_idle_studies(self) -> list[int]:
+        """Queue studies idle for the timeout; one that still looks incomplete waits once more.
+
+        A study whose headers say a part is missing (see
+        :func:`study_completeness`) gets ``incomplete_extra_wait_s`` more
+        before it is queued anyway; intake then refuses it with what is
+        missing, rather than a late slice making it a wrong result.
+        """
+        queued: list[int] = []
+        idle = self.store.received_jobs(self.completion_timeout_s)
+        if not idle:
+            return queued
+        waited = {job_id for job_id, _ in self.store.received_jobs(
+            self.completion_timeout_s + self.incomplete_extra_wait_s
+        )} if self.incomplete_extra_wait_s > 0 else None
+        for job_id, study_uid in idle:
+            extra = {"job_id": job_id}
+            reason = "idle"
+            if waited is not None and study_completeness(self.store.instance_signatures(study_uid)) is False:
+                if job_id not in waited:
+                    if job_id not in self._waiting:
+                        self._waiting.add(job_id)
+                        log.warning(
+                            "job %d: study looks incomplete at the idle timeout; waiting %.0f s more",
+                            job_id, self.incomplete_extra_wait_s, extra=extra,
+                        )
+                    continue
+                reason = f"idle; still incomplete after waiting {self.incomplete_extra_wait_s:.0f} s more"
+            self._waiting.discard(job_id)
+            if not self.store.queue(job_id, reason):
+                continue
+            log.info("study %s; job %d queued", reason, job_id, extra=extra)
+            metrics.JOBS_QUEUED.labels(trigger="idle").inc()
+            self._dispatch(job_id)
+            queued.append(job_id)
+        return queued
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -103,6 +103,7 @@ class _ScpProcess:
             store,
             dispatcher(settings),
             completion_timeout_s=settings.study.completion_timeout_s,
+            incomplete_extra_wait_s=settings.study.incomplete_extra_wait_s,
             stale_job_after_s=(
                 settings.study.stale_job_after_s if stale_job_after_s is None else stale_job_after_s
             ),

@@ -174,6 +174,13 @@ class StudySettings(_Section):
     early_completion_grace_s: float = Field(
         2.0, gt=0, description="Content-aware completion waits this long after the last image."
     )
+    incomplete_extra_wait_s: float = Field(
+        20.0,
+        ge=0,
+        description="A study that still looks incomplete at the idle timeout (a hole in the DWI, "
+        "an ADC or b0 with slices the DWI lacks) waits this much longer, once, before it is "
+        "processed; intake then refuses what is still missing (0 = no extra wait).",
+    )
     stale_job_after_s: float = Field(
         900.0, gt=0, description="A running job older than this is re-queued on start."
     )

@@ -20,6 +20,7 @@ contain patient names or IDs.
             ├── NoHighBValue
             ├── MissingADC
             ├── GeometryError
+            ├── IncompleteStudy
             └── UnreadableImage
 """
 
@@ -74,6 +75,15 @@ class MissingADC(StudyRefused):
 
 class GeometryError(StudyRefused):
     default_reason = "inconsistent image geometry"
+
+
+class IncompleteStudy(StudyRefused):
+    """Part of the study never arrived (a cut transfer, an ADC of fewer slices).
+
+    Never filled in: a missing slice is not a slice without lesion.
+    """
+
+    default_reason = "study incomplete"
 
 
 class UnreadableImage(StudyRefused):

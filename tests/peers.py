@@ -123,10 +123,12 @@ class Strokeseg:
 
 
 def write_config(path: Path, *, scp_port: int, spool: Path, destinations: list[dict[str, Any]],
-                 completion_timeout_s: float = 2.0, **extra: Any) -> Path:
+                 completion_timeout_s: float = 2.0, incomplete_extra_wait_s: float = 1.0,
+                 **extra: Any) -> Path:
     config = {
         "scp": {"ae_title": "STROKESEG", "host": "127.0.0.1", "port": scp_port},
-        "study": {"completion_timeout_s": completion_timeout_s},
+        "study": {"completion_timeout_s": completion_timeout_s,
+                  "incomplete_extra_wait_s": incomplete_extra_wait_s},
         "destinations": destinations,
         "spool_dir": str(spool),
         "worker": {"intra_op_threads": 2},

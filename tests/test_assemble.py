@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from service.assemble import StudyAssembler, study_looks_complete
+from service.assemble import StudyAssembler, study_completeness, study_looks_complete
 from service.db import Database, InstanceSignature, JobStore
 from service.domain import JobState
 from service.intake import signature_of
@@ -96,3 +96,45 @@ def test_content_aware_completion_closes_before_idle_timeout(tmp_path: Path, pha
         assembler.stop()
         scp.stop()
         db.dispose()
+
+
+@pytest.mark.parametrize(
+    "sigs",
+    [
+        # a transfer cut after 4 of 20 high-b slices: its own b0 has all 20
+        _stack("dwi", "dwi", 1000, POSITIONS[:4]) + _stack("dwi", "b0", 0, POSITIONS),
+        # the ADC of the same slab has slices the DWI lacks
+        _stack("dwi", "dwi", 1000, POSITIONS[:10]) + _stack("a", "adc", None, POSITIONS),
+    ],
+)
+def test_dwi_cut_short_is_incomplete(sigs: list[InstanceSignature]) -> None:
+    assert study_completeness(sigs) is False
+
+
+def test_incomplete_study_waits_once_more_at_the_idle_timeout(tmp_path: Path) -> None:
+    """Idle but incomplete: queued only after the extra wait; a complete one at the timeout."""
+    store = JobStore(Database(f"sqlite:///{tmp_path / 'jobs.sqlite'}"))
+    cut = _stack("s1", "dwi", 1000, POSITIONS[:4]) + _stack("s1", "b0", 0, POSITIONS)
+    whole = _stack("s2", "dwi", 1000, POSITIONS) + _stack("s2", "b0", 0, POSITIONS)
+    for study, sigs in (("1.2.3.1", cut), ("1.2.3.2", whole)):
+        for i, sig in enumerate(sigs):
+            store.record_instance(
+                study_instance_uid=study, series_instance_uid=sig.series_instance_uid,
+                sop_instance_uid=f"{study}.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                path=str(tmp_path / f"{study}-{i}.dcm"), size_bytes=1, calling_ae_title="SCANNER",
+                signature=sig,
+            )
+    dispatched: list[int] = []
+    assembler = StudyAssembler(store, dispatched.append, completion_timeout_s=0.5, stale_job_after_s=900,
+                               incomplete_extra_wait_s=2.0)
+    time.sleep(0.7)
+    assembler.tick()
+    jobs = {job.study_instance_uid: job for job in store.jobs()}
+    assert jobs["1.2.3.2"].state is JobState.QUEUED
+    assert jobs["1.2.3.1"].state is JobState.RECEIVED  # waiting once more
+    time.sleep(2.0)
+    assembler.tick()
+    job = store.job(jobs["1.2.3.1"].id)
+    assert job is not None and job.state is JobState.QUEUED
+    assert "still incomplete" in job.reason
+    assert sorted(dispatched) == sorted(j.id for j in jobs.values())

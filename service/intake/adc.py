@@ -35,6 +35,9 @@ Array = npt.NDArray[np.float32]
 
 #: Plausible median of the non-zero voxels of a head ADC map, 1e-6 mm2/s.
 PLAUSIBLE_MEDIAN_MICRO = (100.0, 5000.0)
+#: Plausible median of a computed ADC over the voxels with signal on b0 (scalp, brain
+#: and CSF: about 700-1100 on healthy heads at 1.5 and 3 T), 1e-6 mm2/s.
+PLAUSIBLE_COMPUTED_MEDIAN_MICRO = (300.0, 2500.0)
 ADC_MAX_MICRO = 5000.0
 #: Background: S_0 below this many noise standard deviations.
 BACKGROUND_SIGMAS = 5.0
@@ -109,6 +112,28 @@ def computed_adc(s0: Array, sb: Array, b_value: float) -> tuple[Array, float]:
     adc = np.clip(np.nan_to_num(adc, nan=0.0), 0.0, ADC_MAX_MICRO)
     adc[(s0 <= 0) | (s0 < threshold)] = 0.0
     return adc.astype(np.float32), sigma
+
+
+def check_computed_adc(adc: Array, s0: Array, sigma: float) -> float:
+    """Refuse a computed ADC that no head has; returns its median over the voxels with signal.
+
+    The scanner-ADC path checks units and ranges; a computed map needs the
+    same scrutiny: a median of 0 means the "b0" was not brighter than the
+    b > 0 image (wrong pairing, wrong b-value), a very high one that the
+    high-b image has almost no signal.  Either way the number would be wrong.
+    """
+    head = (s0 > 0) & (s0 >= BACKGROUND_SIGMAS * sigma)
+    if int(head.sum()) < 100:
+        raise StudyRefused("computed ADC: the b0 images have almost no signal above the noise")
+    median = float(np.median(adc[head]))
+    low, high = PLAUSIBLE_COMPUTED_MEDIAN_MICRO
+    if not low <= median <= high:
+        raise StudyRefused(
+            f"computed ADC implausible: median {median:.0f} x 1e-6 mm2/s inside the head, "
+            f"expected {low:.0f}-{high:.0f}; the b0 and b > 0 images may not belong together "
+            "or the b-value may be wrong"
+        )
+    return median
 
 
 def balanced_directions(directions: Sequence[Sequence[float]]) -> bool:

@@ -69,6 +69,60 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 @dataclass(frozen=True, slots=True)
+class Acquisition:
+    """What ties images to one acquisition beyond their series: protocol and timing.
+
+    A b0 image can only be combined with a b > 0 image into an ADC when both
+    were acquired with the same echo and repetition times: otherwise
+    ``-ln(S_b / S_0) / b`` measures T2/T1 contrast, not diffusion (an MPRAGE
+    "b0" gave 288 mL instead of 77 mL).  Times are in ms; None when not stated.
+    """
+
+    protocol_name: str = ""
+    echo_time: float | None = None
+    repetition_time: float | None = None
+
+    def mismatch(self, other: Acquisition) -> str:
+        """Why ``other`` is not the same acquisition ("" when nothing says so)."""
+        if self.protocol_name and other.protocol_name and self.protocol_name != other.protocol_name:
+            return f"protocol '{other.protocol_name}' is not '{self.protocol_name}'"
+        if self.echo_time is None or other.echo_time is None:
+            return "echo time not stated, so it cannot be shown to be the same acquisition"
+        if abs(self.echo_time - other.echo_time) > max(1.0, 0.02 * self.echo_time):
+            return f"echo time {other.echo_time:g} ms, not {self.echo_time:g} ms"
+        if (
+            self.repetition_time is not None and other.repetition_time is not None
+            and abs(self.repetition_time - other.repetition_time) > 0.05 * self.repetition_time
+        ):
+            return f"repetition time {other.repetition_time:g} ms, not {self.repetition_time:g} ms"
+        return ""
+
+
+def _milliseconds(item: Dataset | None, keyword: str) -> float | None:
+    if item is None:
+        return None
+    try:
+        value = float(item.get(keyword, None))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def acquisition_of(ds: Dataset, frame_index: int | None = None) -> Acquisition:
+    """Protocol, echo and repetition time of a classic image or of one Enhanced MR frame."""
+    protocol = str(ds.get("ProtocolName", "") or "").strip()
+    if frame_index is None:
+        return Acquisition(protocol, _milliseconds(ds, "EchoTime"), _milliseconds(ds, "RepetitionTime"))
+    echo = _milliseconds(functional_group_item(ds, frame_index, "MREchoSequence"), "EffectiveEchoTime")
+    timing = functional_group_item(ds, frame_index, "MRTimingAndRelatedParametersSequence")
+    return Acquisition(
+        protocol,
+        echo if echo is not None else _milliseconds(ds, "EchoTime"),
+        _milliseconds(timing, "RepetitionTime") or _milliseconds(ds, "RepetitionTime"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class RealWorldValue:
     """A Real World Value Mapping (0040,9096) with a unit we understand.
 
@@ -189,6 +243,7 @@ class ImagePlane:
     rescale: tuple[float, float]
     real_world: RealWorldValue | None
     pixels: _PixelSlice | None
+    acquisition: Acquisition = Acquisition()
 
     @property
     def role(self) -> ImageRole:
@@ -302,6 +357,7 @@ def _classic_plane(path: Path, ds: Dataset) -> ImagePlane:
         rescale=rescale_of(ds),
         real_world=real_world_value(ds),
         pixels=_PixelSlice(_PixelCache(ds, _label(ds))),
+        acquisition=acquisition_of(ds),
         **_common(ds),  # type: ignore[arg-type]
     )
 
@@ -352,6 +408,7 @@ def _mosaic_planes(
     cache = _PixelCache(ds, label)
     rescale = rescale_of(ds)
     rwv = real_world_value(ds)
+    acquisition = acquisition_of(ds)
     planes = []
     for k in range(count):
         r, c = divmod(k, grid)
@@ -372,6 +429,7 @@ def _mosaic_planes(
                     cache,
                     tile=(r * tile_rows, (r + 1) * tile_rows, c * tile_columns, (c + 1) * tile_columns),
                 ),
+                acquisition=acquisition,
                 **_common(ds),  # type: ignore[arg-type]
             )
         )
@@ -480,6 +538,7 @@ def _multiframe_planes(path: Path, ds: Dataset) -> list[ImagePlane]:
                 rescale=rescale,
                 real_world=rwv,
                 pixels=_PixelSlice(cache, frame=i),
+                acquisition=acquisition_of(ds, i),
                 **_common(ds),  # type: ignore[arg-type]
             )
         )

@@ -38,6 +38,7 @@ from pydicom.errors import InvalidDicomError
 from service.domain import DiffusionStudy, ImageVolume, SourceFrame
 from service.errors import (
     GeometryError,
+    IncompleteStudy,
     MissingADC,
     NoDiffusionSeries,
     NoHighBValue,
@@ -47,6 +48,7 @@ from service.errors import (
 from service.intake.adc import (
     adc_to_micro,
     balanced_directions,
+    check_computed_adc,
     check_declared_unit,
     computed_adc,
     geometric_mean,
@@ -116,17 +118,85 @@ def _same_grid(a: ImageVolume, b: ImageVolume) -> bool:
 
 
 def _onto_dwi_grid(volume: ImageVolume, dwi: ImageVolume, what: str, notes: list[str]) -> ImageVolume:
-    """``volume`` on the DWI grid; refused when the two hardly overlap."""
+    """``volume`` on the DWI grid; refused unless it covers every DWI slice and lines up.
+
+    Nothing is ever filled in: an ADC of 17 slices resampled onto a DWI of 28
+    would read 0 (or a neighbour's value) on the other 11, and a lesion there
+    would be missed or invented.
+    """
     if _same_grid(volume, dwi):
         return volume
     probe = volume.with_voxels(np.ones(volume.shape, dtype=np.float32))
-    coverage = float(resample_onto(probe, dwi, linear=False).voxels.mean())
-    if coverage < MIN_ADC_COVERAGE:
+    covered = resample_onto(probe, dwi, linear=False).voxels.reshape(dwi.shape[0], -1).mean(axis=1)
+    if float(covered.max()) < MIN_ADC_COVERAGE:
         raise GeometryError(
-            f"{what} covers only {coverage:.0%} of the DWI volume (non-overlapping volumes)"
+            f"{what} covers only {float(covered.mean()):.0%} of the DWI volume (non-overlapping volumes)"
         )
+    missing = np.flatnonzero(covered < 0.5 * float(covered.max()))
+    if missing.size:
+        n = dwi.shape[0]
+        raise IncompleteStudy(
+            f"{what} covers {n - missing.size} of {n} DWI slices (nothing at DWI slice(s) "
+            f"{_ranges(missing + 1)}); the {what.split()[0]} series may be incomplete or from "
+            "another acquisition: resend the study"
+        )
+    resampled = resample_onto(volume, dwi)
+    _check_alignment(resampled, dwi, what)
     notes.append(f"{what} resampled onto the DWI grid")
-    return resample_onto(volume, dwi)
+    return resampled
+
+
+#: Largest distance (mm) between the head centres of DWI and ADC that still counts as aligned.
+MAX_HEAD_OFFSET_MM = 10.0
+
+
+def _check_alignment(resampled: ImageVolume, dwi: ImageVolume, what: str) -> None:
+    """Refuse an ADC/b0 whose head sits elsewhere than the DWI's (a shifted or foreign header).
+
+    The head on the DWI is what Otsu separates from the background; on an
+    ADC map it is the voxels with tissue values (scanners zero the
+    background).  Their centres agree within a few mm when both come from
+    one acquisition, whatever the two grids are.
+    """
+    dwi_head = _otsu_mask(dwi.voxels)
+    values = resampled.voxels
+    if what.startswith("b0"):
+        other_head = _otsu_mask(values)
+    else:
+        other_head = (values > 100) & (values < 1600)
+    if dwi_head.sum() < 100 or other_head.sum() < 100:
+        return
+    affine = dwi.affine()
+    centres = [affine[:3, :3] @ np.argwhere(m).mean(axis=0)[::-1] for m in (dwi_head, other_head)]
+    offset = float(np.linalg.norm(centres[0] - centres[1]))
+    if offset > MAX_HEAD_OFFSET_MM:
+        raise GeometryError(
+            f"{what} does not line up with the DWI: the head centres are {offset:.0f} mm apart "
+            "(a shifted position in the header, or another acquisition)"
+        )
+
+
+def _otsu_mask(voxels: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    image = sitk.GetImageFromArray(np.nan_to_num(voxels).astype(np.float32))
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetInsideValue(0)
+    otsu.SetOutsideValue(1)
+    return sitk.GetArrayFromImage(otsu.Execute(image)).astype(bool)
+
+
+def _ranges(numbers: Iterable[int]) -> str:
+    """1, 2, 3, 7 -> '1-3, 7'."""
+    values = sorted(int(n) for n in numbers)
+    parts: list[str] = []
+    start = prev = values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------
@@ -226,11 +296,12 @@ def load_study(paths: Iterable[Path]) -> DiffusionStudy:
     dwi, dwi_planes, b_value = _dwi(planes, notes)
     frame_of_reference = _frame_of_reference(dwi_planes, "DWI")
     dwi_series = dwi_planes[0].series_instance_uid
+    _check_dwi_complete(dwi, dwi_planes, planes)
 
     adc = _scanner_adc(planes, dwi, frame_of_reference, dwi_series, notes)
     adc_origin = "scanner"
     if adc is None:
-        adc = _computed_adc(planes, dwi, b_value, frame_of_reference, dwi_series, notes)
+        adc = _computed_adc(planes, dwi, dwi_planes, b_value, notes)
         adc_origin = "computed"
 
     log.info(
@@ -262,6 +333,15 @@ def _dwi(planes: Sequence[ImagePlane], notes: list[str]) -> tuple[ImageVolume, l
         log.warning("no diffusion series; %s", _seen(planes) or "no images")
         raise NoDiffusionSeries()
 
+    if not trace and not directional:
+        # GE writes b = 0 in (0043,xx39) and Philips in (2001,xx03) on T1, fMRI and
+        # ASL images: b=0 images alone are not a diffusion acquisition.
+        series = sorted({p.series_number for p in b0})
+        raise NoDiffusionSeries(
+            "no diffusion series: only images with b = 0 (series "
+            f"{', '.join(map(str, series[:5]))}{', ...' if len(series) > 5 else ''}); GE and Philips "
+            "also mark non-diffusion images b = 0"
+        )
     high = [p for p in trace if (p.b_value or 0.0) >= HIGH_B_MIN]
     if high:
         groups: dict[tuple[str, float], list[ImagePlane]] = defaultdict(list)
@@ -377,24 +457,26 @@ def _scanner_adc(
 def _computed_adc(
     planes: Sequence[ImagePlane],
     dwi: ImageVolume,
+    dwi_planes: Sequence[ImagePlane],
     b_value: float,
-    frame_of_reference: str,
-    dwi_series: str,
     notes: list[str],
 ) -> ImageVolume:
-    """ADC = -ln(S_b / S_0) / b from b0 images, on the DWI grid (1e-6 mm2/s)."""
+    """ADC = -ln(S_b / S_0) / b from b0 images of the DWI's own acquisition (1e-6 mm2/s).
+
+    Only the DWI's own series, or a series that is provably the same
+    acquisition (frame of reference, slice positions, matrix, protocol, echo
+    and repetition time), can supply the b0: GE and Philips write b = 0 on
+    T1, fMRI and ASL images too, and an ADC from another acquisition is a
+    wrong number, not an approximation.
+    """
     b0 = [p for p in planes if p.role is ImageRole.B0]
     if not b0:
         raise MissingADC("no ADC map and no b0 images to compute one")
     by_series: dict[str, list[ImagePlane]] = defaultdict(list)
     for p in b0:
         by_series[p.series_instance_uid].append(p)
-    chosen = by_series.get(dwi_series) or max(
-        by_series.values(), key=lambda s: (len(s), s[0].series_number)
-    )
+    chosen = _b0_of_acquisition(by_series, dwi, dwi_planes)
     what = f"b0 series {chosen[0].series_number}"
-    if _frame_of_reference(chosen, what) != frame_of_reference:
-        raise GeometryError("DWI and b0 images in different frames of reference")
     buckets = _position_buckets(chosen, what)
     if all(len(b) == 1 for b in buckets):
         b0_volume, _ = stack_planes(chosen, what=what)
@@ -403,8 +485,111 @@ def _computed_adc(
         notes.append(f"b0: mean of {len(buckets[0])} images per slice")
     b0_volume = _onto_dwi_grid(b0_volume, dwi, "b0 volume", notes)
     adc, sigma = computed_adc(b0_volume.voxels, dwi.voxels, b_value)
+    check_computed_adc(adc, b0_volume.voxels, sigma)
     notes.append(
         f"ADC computed from b0 (series {chosen[0].series_number}) and the b={b_value:g} trace; "
         f"background below {5:g} x noise sigma {sigma:.3g} set to 0"
     )
     return dwi.with_voxels(adc)
+
+
+def _b0_of_acquisition(
+    by_series: dict[str, list[ImagePlane]], dwi: ImageVolume, dwi_planes: Sequence[ImagePlane]
+) -> list[ImagePlane]:
+    """The b0 planes of the DWI's acquisition; MissingADC naming what did not fit."""
+    reference = dwi_planes[0]
+    own = by_series.get(reference.series_instance_uid)
+    if own:
+        return own
+    fits: list[list[ImagePlane]] = []
+    rejected: list[str] = []
+    for series in by_series.values():
+        why = _other_acquisition(series, dwi, reference)
+        if why:
+            rejected.append(f"series {series[0].series_number}: {why}")
+        else:
+            fits.append(series)
+    if not fits:
+        raise MissingADC(
+            f"no ADC map, and no b0 images of the DWI's acquisition (series {reference.series_number}) "
+            f"to compute one; b=0 images of other acquisitions are never used ({'; '.join(rejected[:3])})"
+        )
+    return max(fits, key=lambda s: (len(s), s[0].series_number))
+
+
+def _other_acquisition(series: Sequence[ImagePlane], dwi: ImageVolume, reference: ImagePlane) -> str:
+    """Why b0 ``series`` is not part of the DWI's acquisition ("" when it is)."""
+    if {p.frame_of_reference_uid for p in series} != {reference.frame_of_reference_uid}:
+        return "another frame of reference"
+    mismatch = {reference.acquisition.mismatch(p.acquisition) for p in series} - {""}
+    if mismatch:
+        return sorted(mismatch)[0]
+    geometry = reference.geometry
+    dwi_positions = _slice_positions(dwi)
+    for p in series:
+        g = p.geometry
+        if g is None or geometry is None:
+            return "no usable plane geometry"
+        if (g.rows, g.columns) != (geometry.rows, geometry.columns) or not np.allclose(
+            g.pixel_spacing, geometry.pixel_spacing, atol=1e-3
+        ):
+            return f"matrix {g.rows}x{g.columns}, not the DWI's {geometry.rows}x{geometry.columns}"
+        if not (np.allclose(g.row_cosine, geometry.row_cosine, atol=1e-3)
+                and np.allclose(g.column_cosine, geometry.column_cosine, atol=1e-3)):
+            return "another slice orientation"
+        if np.min(np.linalg.norm(dwi_positions - g.position, axis=1)) > 0.5:
+            return "slice positions differ from the DWI's"
+    return ""
+
+
+def _slice_positions(volume: ImageVolume) -> npt.NDArray[np.float64]:
+    """Patient position of the first pixel of every slice of ``volume`` (slices x 3)."""
+    k = np.arange(volume.shape[0], dtype=np.float64)
+    return np.asarray(volume.origin, dtype=np.float64) + np.outer(k * volume.slice_spacing, volume.slice_cosine)
+
+
+#: A plane lies on the DWI's slice lattice when within this (mm) of one of its slice positions.
+LATTICE_TOLERANCE_MM = 0.5
+
+
+def _check_dwi_complete(dwi: ImageVolume, dwi_planes: Sequence[ImagePlane], planes: Sequence[ImagePlane]) -> None:
+    """IncompleteStudy when images of the DWI's own acquisition cover more slices than the DWI.
+
+    A transfer cut after 4 of 28 high-b slices still stacks into a regular
+    4-slice volume; the b0 of the same series (or the scanner's ADC of the
+    same acquisition) then still has 28 positions on the same slice lattice,
+    and that is the evidence.  Series of other acquisitions (a thin-slice
+    brainstem DWI) are not witnesses: they do not share the lattice or the
+    timing.
+    """
+    reference = dwi_planes[0]
+    n = dwi.shape[0]
+    normal = np.asarray(dwi.slice_cosine, dtype=np.float64)
+    origin = np.asarray(dwi.origin, dtype=np.float64)
+    roles = (ImageRole.B0, ImageRole.DWI, ImageRole.DIRECTIONAL, ImageRole.ADC)
+    witnesses: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for p in planes:
+        g = p.geometry
+        if p.role not in roles or g is None or p.frame_of_reference_uid != reference.frame_of_reference_uid:
+            continue
+        if p.series_instance_uid != reference.series_instance_uid and reference.acquisition.mismatch(
+            p.acquisition
+        ):
+            continue
+        if abs(float(np.dot(g.normal, normal))) < 0.999:
+            continue
+        offset = g.position - origin
+        along = float(offset @ normal) / dwi.slice_spacing
+        k = round(along)
+        in_plane = offset - along * dwi.slice_spacing * normal
+        if abs(along - k) * dwi.slice_spacing > LATTICE_TOLERANCE_MM or np.linalg.norm(in_plane) > 20.0:
+            continue
+        witnesses[(f"series {p.series_number}", p.role.value)].add(k)
+    beyond = {key: ks for key, ks in witnesses.items() if any(k < 0 or k >= n for k in ks)}
+    if beyond:
+        (series, role), ks = max(beyond.items(), key=lambda item: len(item[1]))
+        m = max(max(ks), n - 1) - min(min(ks), 0) + 1
+        raise IncompleteStudy(
+            f"DWI incomplete: {n} of {m} slices (the {role} images of {series} have {len(ks)} "
+            "slice positions on the same lattice); the transfer may have been cut: resend the study"
+        )
