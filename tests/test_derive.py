@@ -462,6 +462,22 @@ def _latin1_name_without_charset(sources: list[Dataset]) -> list[Dataset]:
     return sources
 
 
+def _procedure_codes(items: list[Dataset]) -> Callable[[list[Dataset]], list[Dataset]]:
+    def apply(sources: list[Dataset]) -> list[Dataset]:
+        for ds in sources:
+            ds.ProcedureCodeSequence = [copy.deepcopy(item) for item in items]
+        return sources
+
+    return apply
+
+
+def _code_without_meaning() -> Dataset:
+    item = Dataset()
+    item.CodeValue = "MRBRAIN"
+    item.CodingSchemeDesignator = "99LOCAL"
+    return item
+
+
 SOURCE_VARIANTS: dict[str, Callable[[list[Dataset]], list[Dataset]]] = {
     "scanner": lambda sources: sources,
     "no patient/study/equipment type 2": make_sloppy,
@@ -472,6 +488,10 @@ SOURCE_VARIANTS: dict[str, Callable[[list[Dataset]], list[Dataset]]] = {
     "ISO dates": _set("StudyDate", "2024-03-01"),
     "invalid PatientAge": _set("PatientAge", "74"),
     "latin-1 name, no SpecificCharacterSet": _latin1_name_without_charset,
+    # Philips Elition/Ingenia: an empty (type 3) ProcedureCodeSequence; dciodvfy's
+    # "Bad Sequence number of Items = 0" on SEG and SR until it was dropped
+    "empty ProcedureCodeSequence": _procedure_codes([]),
+    "ProcedureCodeSequence item without CodeMeaning": _procedure_codes([_code_without_meaning()]),
 }
 
 

@@ -308,6 +308,17 @@ def test_sr_reads_back_and_references_the_dwi_object(
         assert lesion.source_sop_instance_uids == (str(source.SOPInstanceUID),)
         assert lesion.instance_numbers is None  # frames/tiles share their object's number
 
+    # The slice range names what a reader finds in the source: frame or tile numbers,
+    # never "InstanceNumber unknown to unknown" (issue 10, item 7).
+    ranges = [t for t in _texts(sr.ContentSequence) if t.endswith(f"of {len(result.study.dwi_sources)}")]
+    assert ranges and not any("unknown" in t for t in ranges), ranges
+    kind = "MOSAIC tile" if convention is MOSAIC else "frame"
+    assert all(t.startswith(kind + " ") for t in ranges), ranges
+    if convention is not MOSAIC:
+        for text in ranges:
+            first, last = (int(v) for v in text.split(";")[0].split()[1::2])
+            assert {first, last} <= set(_b1000_frames(source))
+
     evidence = {
         str(ref.ReferencedSOPInstanceUID)
         for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
@@ -331,6 +342,16 @@ def test_sr_reads_back_and_references_the_dwi_object(
             frames = item.ReferencedSOPSequence[0].ReferencedFrameNumber
             frames = [frames] if isinstance(frames, int | str) else frames
             assert {int(v) for v in frames} <= set(_b1000_frames(source))
+
+
+def _texts(items: Sequence[Dataset]) -> list[str]:
+    """Every TEXT value in an SR content tree."""
+    out: list[str] = []
+    for item in items:
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out += _texts(item.get("ContentSequence", []))
+    return out
 
 
 # --------------------------------------------------------------------- overlay

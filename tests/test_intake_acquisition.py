@@ -5,11 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from service.errors import GeometryError, IncompleteStudy, MissingADC, NoDiffusionSeries
+from service.errors import (
+    GeometryError,
+    IncompleteStudy,
+    MissingADC,
+    NoDiffusionSeries,
+    NoHighBValue,
+    StudyRefused,
+    UnreadableImage,
+)
 from service.intake import load_study
 from tests.dicom_factory import make_dwi_series, write_series
 
@@ -143,3 +152,89 @@ def test_other_acquisition_with_more_slices_is_no_witness(tmp_path: Path) -> Non
         ds.ProtocolName = "ep2d_diff_brainstem"
     result = load_study(_write(tmp_path, dwi, adc, thin))
     assert result.dwi.shape[0] == N
+
+
+def test_computed_adc_of_no_head_is_refused(tmp_path: Path) -> None:
+    """A 'b0' no brighter than the b1000 gives ADC 0 everywhere: refused, never 'ok 29.84 mL'."""
+    study, frame = generate_uid(), generate_uid()
+    dwi = _series(1000, study, frame, value=400)
+    b0 = _series(0, study, frame, value=380)
+    for ds in b0:
+        ds.SeriesInstanceUID = dwi[0].SeriesInstanceUID
+    with pytest.raises(StudyRefused, match=r"computed ADC implausible: median 0 "):
+        load_study(_write(tmp_path, dwi, b0))
+
+
+def test_undecodable_slice_is_refused_naming_the_file(tmp_path: Path) -> None:
+    study, frame = generate_uid(), generate_uid()
+    dwi = _series(1000, study, frame, value=1000 * np.exp(-0.8))
+    b0 = _series(0, study, frame)
+    for ds in b0:
+        ds.SeriesInstanceUID = dwi[0].SeriesInstanceUID
+    paths = _write(tmp_path, dwi, b0)
+    broken = pydicom.dcmread(paths[5])
+    broken.file_meta.TransferSyntaxUID = "1.2.999.1"  # no decoder knows it
+    broken.save_as(paths[5], enforce_file_format=False)
+    with pytest.raises(UnreadableImage, match=rf"file {paths[5].name}\).*NotImplementedError.*1\.2\.999\.1"):
+        load_study(paths)
+
+
+# --------------------------------------------------------------------------
+# Directional-only acquisitions (issue 10, items 2 and 3)
+
+#: An anisotropic tensor (1e-3 mm2/s) with mean diffusivity 0.8.
+TENSOR = np.diag([1.7, 0.3, 0.4]) * 1e-3
+BALANCED_6 = [(1, 1, 0), (1, -1, 0), (1, 0, 1), (1, 0, -1), (0, 1, 1), (0, 1, -1)]
+UNBALANCED_6 = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]
+
+
+def _directional_study(directions: list[tuple[int, int, int]], *, manufacturer: str = "SIEMENS",
+                       b0_b_value: bool = True) -> list[Dataset]:
+    """b0 + one b=1000 image per direction and slice, all in one series, signal S0 exp(-b g'Dg)."""
+    study, frame = generate_uid(), generate_uid()
+    series_uid = generate_uid()
+    out: list[Dataset] = []
+    for k, direction in enumerate([None, *directions]):
+        series = make_dwi_series(N, 32, 32, b_value=0.0 if direction is None else 1000.0,
+                                 study_instance_uid=study, frame_of_reference_uid=frame)
+        g = None if direction is None else np.asarray(direction, float) / np.linalg.norm(direction)
+        value = 1000.0 if g is None else 1000.0 * np.exp(-1000.0 * g @ TENSOR @ g)
+        for ds in series:
+            ds.SeriesInstanceUID = series_uid
+            ds.Manufacturer = manufacturer
+            ds.InstanceNumber = k * N + int(ds.InstanceNumber)
+            ds.SOPInstanceUID = generate_uid()
+            ds.PixelData = np.full((32, 32), round(value), dtype=np.uint16).tobytes()
+            if g is None:
+                if not b0_b_value:
+                    del ds.DiffusionBValue  # the Canon/Toshiba convention
+                ds.ImageType = ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]
+            else:
+                ds.DiffusionGradientOrientation = [float(v) for v in g]
+        out += series
+    return out
+
+
+def test_canon_b0_without_b_value_beside_directional_images(tmp_path: Path) -> None:
+    """Toshiba V5 DTI: b0 images carry no b-value; the b > 0 images are directional."""
+    paths = write_series(_directional_study(BALANCED_6, manufacturer="TOSHIBA", b0_b_value=False), tmp_path)
+    result = load_study(paths)
+    assert result.adc_origin == "computed"
+    assert np.median(result.adc.voxels) == pytest.approx(800.0, rel=0.01)
+
+
+def test_unbalanced_directions_are_fitted_as_a_tensor(tmp_path: Path) -> None:
+    paths = write_series(_directional_study(UNBALANCED_6), tmp_path)
+    result = load_study(paths)
+    assert any("diffusion-tensor fit of 6 directional images" in note for note in result.notes)
+    # the trace of an anisotropic tensor: exp(-b MD) exactly, whatever the directions
+    assert np.median(result.dwi.voxels) == pytest.approx(1000.0 * np.exp(-0.8), rel=0.01)
+    assert np.median(result.adc.voxels) == pytest.approx(800.0, rel=0.01)
+
+
+def test_coplanar_directions_are_refused_with_an_accurate_hint(tmp_path: Path) -> None:
+    angles = np.linspace(0, np.pi, 12, endpoint=False)
+    coplanar = [(float(np.cos(a)), float(np.sin(a)), 0.0) for a in angles]
+    paths = write_series(_directional_study(coplanar), tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(NoHighBValue, match=r"their 12 gradient direction\(s\) .* \(3 independent"):
+        load_study(paths)

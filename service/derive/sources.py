@@ -188,7 +188,18 @@ def with_patient_study_fallbacks(ds: Dataset) -> Dataset:
         if keyword in changes or keyword in _IDENTITY or keyword not in fixed:
             continue
         elem = fixed[keyword]
-        if elem.VR == "SQ" or _is_valid(elem.VR, elem.value):
+        if elem.VR == "SQ":
+            why = _sequence_problem(elem.value)
+            if not why:
+                continue
+            if attr_type.startswith("2"):
+                setattr(fixed, keyword, [])
+                changes[keyword] = f"{why}, emptied"
+            else:
+                delattr(fixed, keyword)
+                changes[keyword] = f"{why}, dropped"
+            continue
+        if _is_valid(elem.VR, elem.value):
             continue
         if attr_type.startswith("2"):
             setattr(fixed, keyword, "")
@@ -207,6 +218,26 @@ def with_patient_study_fallbacks(ds: Dataset) -> Dataset:
 
 
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
+_CODE_VALUES = ("CodeValue", "LongCodeValue", "URNCodeValue")
+
+
+def _sequence_problem(items: Sequence[Dataset]) -> str:
+    """Why a copied sequence would be invalid in our objects ("" when it is fine).
+
+    Philips writes an empty ProcedureCodeSequence (type 3: an empty type 3
+    sequence is a dciodvfy error); code items without a value, scheme or
+    meaning are invalid wherever they are copied.
+    """
+    if len(items) == 0:
+        return "empty sequence"
+    for item in items:
+        if not any(k in item for k in (*_CODE_VALUES, "CodeMeaning", "CodingSchemeDesignator")):
+            continue  # not a code item
+        has_value = any(item.get(k, None) for k in _CODE_VALUES)
+        has_scheme = bool(item.get("CodingSchemeDesignator", None) or item.get("URNCodeValue", None))
+        if not (has_value and has_scheme and item.get("CodeMeaning", None)):
+            return "incomplete code item"
+    return ""
 
 #: Kept verbatim even when invalid, so the result files with its study.
 _IDENTITY = frozenset(

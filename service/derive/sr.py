@@ -141,7 +141,7 @@ from service.derive.concepts import (
     stable_uid,
 )
 from service.derive.findings import Lesion, LesionFindings
-from service.derive.references import SliceSources, as_slice_sources
+from service.derive.references import SliceSources, SourceLayout, as_slice_sources
 from service.derive.seg import lesion_tracking_uid
 from service.derive.sources import with_patient_study_fallbacks
 from service.domain import DiffusionMimic, DomainOfValidity
@@ -193,9 +193,11 @@ _MIMIC_COMMENT = (
     "chronic lesion, or artefact), {ml} mL in all, {verb} listed separately and not counted in "
     "the lesion volume or the lesion count."
 )
-_SLICE_RANGE_TEXT = "InstanceNumber {a} to {b}; slice index {i} to {j} of {n}"
+_SLICE_RANGE_TEXT = "{kind} {a} to {b}; slice index {i} to {j} of {n}"
+#: Reads every version written: "unknown" came from releases before frames and tiles were named.
 _SLICE_RANGE_RE = re.compile(
-    r"InstanceNumber (\d+|unknown) to (\d+|unknown); slice index (\d+) to (\d+) of (\d+)"
+    r"(InstanceNumber|frame|MOSAIC tile) (\d+|unknown) to (\d+|unknown); "
+    r"slice index (\d+) to (\d+) of (\d+)"
 )
 _Group = (
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -264,12 +266,22 @@ def _append(group: Template, items: Sequence[hd.sr.ContentItem]) -> None:
 
 
 def _slice_range_text(first_slice: int, last_slice: int, sources: SliceSources) -> str:
-    """A component's slices; InstanceNumbers only where each slice is an image of its own
-    (frames and MOSAIC tiles share their object's, so they are "unknown")."""
-    numbers = [sources.instance_number(i) for i in range(first_slice, last_slice + 1)]
+    """A component's slices as a reader finds them in the source: InstanceNumbers of
+    classic images, frame numbers (1-based) of an Enhanced MR object, tile numbers
+    (1-based) of a Siemens MOSAIC; and always the 0-based slice index into the mask."""
+    span = range(first_slice, last_slice + 1)
+    refs = [sources.references[k] for k in span]
+    numbers: list[int | None]
+    if sources.layout is SourceLayout.MULTIFRAME:
+        kind, numbers = "frame", [r.frame_number for r in refs]
+    elif sources.layout is SourceLayout.MOSAIC:
+        kind = "MOSAIC tile"
+        numbers = [None if r.mosaic_index is None else r.mosaic_index + 1 for r in refs]
+    else:
+        kind, numbers = "InstanceNumber", [sources.instance_number(k) for k in span]
     known = [n for n in numbers if n is not None]
-    a, b = (str(min(known)), str(max(known))) if len(known) == len(numbers) else ("unknown",) * 2
-    return _SLICE_RANGE_TEXT.format(a=a, b=b, i=first_slice, j=last_slice, n=len(sources))
+    a, b = (str(min(known)), str(max(known))) if known and len(known) == len(numbers) else ("unknown",) * 2
+    return _SLICE_RANGE_TEXT.format(kind=kind, a=a, b=b, i=first_slice, j=last_slice, n=len(sources))
 
 
 def _check_findings(findings: LesionFindings, volume: float, sources: SliceSources) -> None:
@@ -859,8 +871,9 @@ def _slice_range(group: Template) -> tuple[tuple[int, int] | None, tuple[int, in
     match = _SLICE_RANGE_RE.fullmatch(slice_text)
     if match is None:
         raise ValueError(f"unreadable slice range {slice_text!r}")
-    a, b, i, j, _ = match.groups()
-    return (None if a == "unknown" else (int(a), int(b))), (int(i), int(j))
+    kind, a, b, i, j, _ = match.groups()
+    instance_numbers = None if kind != "InstanceNumber" or a == "unknown" else (int(a), int(b))
+    return instance_numbers, (int(i), int(j))
 
 
 def _read_mimic(

@@ -146,6 +146,54 @@ def balanced_directions(directions: Sequence[Sequence[float]]) -> bool:
     return bool(np.abs(tensor - np.eye(3) / 3.0).max() <= BALANCE_TOLERANCE)
 
 
+#: Fewest non-collinear gradient directions a tensor fit needs (6 tensor elements).
+MIN_TENSOR_DIRECTIONS = 6
+
+
+def tensor_rank(directions: Sequence[Sequence[float]]) -> int:
+    """Rank of the tensor design of these directions (6 = the diffusion tensor is determined)."""
+    g = np.asarray(directions, dtype=np.float64)
+    if g.size == 0:
+        return 0
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    design = np.column_stack([g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2,
+                              2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2], 2 * g[:, 1] * g[:, 2]])
+    return int(np.linalg.matrix_rank(design, tol=1e-6))
+
+
+def tensor_trace(
+    directional: Sequence[Array], directions: Sequence[Sequence[float]], b_value: float,
+    b0: Sequence[Array] = (),
+) -> Array:
+    """Trace-weighted image S0 exp(-b MD) from a log-linear diffusion-tensor fit.
+
+    ``ln S = ln S0 - b g^T D g`` for each directional image, ``ln S = ln S0``
+    for each b0; least squares for ``ln S0`` and the six elements of D, then
+    the mean diffusivity MD = trace(D) / 3.  For balanced directions this is
+    the geometric mean; for unbalanced ones (any 6 or more non-collinear
+    directions with a b0, or 7 without) it is still the trace, where the
+    geometric mean would be biased by the fibre orientation.  Zero where any
+    image is zero (no signal).
+    """
+    g = np.asarray(directions, dtype=np.float64)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    b = float(b_value)
+    rows = [[1.0, -b * x * x, -b * y * y, -b * z * z, -2 * b * x * y, -2 * b * x * z, -2 * b * y * z]
+            for x, y, z in g]
+    rows += [[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * len(b0)
+    design = np.asarray(rows)
+    if np.linalg.matrix_rank(design, tol=1e-9) < 7:
+        raise ValueError("directions do not determine the tensor")
+    stack = np.stack([*directional, *b0]).astype(np.float64)
+    shape = stack.shape[1:]
+    positive = np.all(stack > 0, axis=0)
+    logs = np.log(np.where(stack > 0, stack, 1.0)).reshape(len(stack), -1)
+    coefficients = np.linalg.pinv(design) @ logs
+    mean_diffusivity = coefficients[1:4].sum(axis=0) / 3.0
+    trace = np.exp(coefficients[0] - b * mean_diffusivity).reshape(shape)
+    return np.where(positive, trace, 0.0).astype(np.float32)
+
+
 def geometric_mean(images: Sequence[Array]) -> Array:
     """Voxel-wise geometric mean; zero where any image is zero (no signal)."""
     stack = np.stack(images).astype(np.float64)

@@ -191,8 +191,14 @@ class _PixelCache:
             try:
                 self._array = np.asarray(self._ds.pixel_array, dtype=np.float32)
             except Exception as exc:  # pydicom raises many types for broken pixel data
+                detail = " ".join(str(exc).split())[:160]
+                meta = getattr(self._ds, "file_meta", None)
+                syntax = str(meta.get("TransferSyntaxUID", "unknown")) if meta is not None else "unknown"
                 raise UnreadableImage(
-                    f"unreadable pixel data ({self._label}): {type(exc).__name__}"
+                    f"unreadable pixel data in {self._label}: {type(exc).__name__}"
+                    + (f" ({detail})" if detail else "")
+                    + f"; the file is damaged or its transfer syntax {syntax} cannot be decoded: "
+                    "resend the study, or remove that instance and resend"
                 ) from exc
         return self._array
 
@@ -277,9 +283,15 @@ def _series_number(ds: Dataset) -> int:
         return 0
 
 
-def _label(ds: Dataset) -> str:
-    """A log/refusal label for an object: its series number, never patient identifiers."""
-    return f"series {_series_number(ds)}"
+def _label(ds: Dataset, path: Path | None = None) -> str:
+    """A log/refusal label for an object: series, instance number and file, never patient identifiers."""
+    label = f"series {_series_number(ds)}"
+    instance = ds.get("InstanceNumber", None)
+    if instance not in (None, ""):
+        label += f" instance {instance}"
+    if path is not None:
+        label += f" (file {path.name})"
+    return label
 
 
 def _common(ds: Dataset) -> dict[str, object]:
@@ -356,7 +368,7 @@ def _classic_plane(path: Path, ds: Dataset) -> ImagePlane:
         geometry_problem=problem,
         rescale=rescale_of(ds),
         real_world=real_world_value(ds),
-        pixels=_PixelSlice(_PixelCache(ds, _label(ds))),
+        pixels=_PixelSlice(_PixelCache(ds, _label(ds, path))),
         acquisition=acquisition_of(ds),
         **_common(ds),  # type: ignore[arg-type]
     )
@@ -388,7 +400,7 @@ def _mosaic_count(ds: Dataset, csa: dict[str, object] | None) -> int | None:
 def _mosaic_planes(
     path: Path, ds: Dataset, csa: dict[str, object] | None, count: int | None
 ) -> list[ImagePlane]:
-    label = _label(ds)
+    label = _label(ds, path)
     if count is None:
         return [_other(path, ds, "MOSAIC image without NumberOfImagesInMosaic (CSA or (0019,xx0A))")]
     rows, columns = int(ds.Rows), int(ds.Columns)
@@ -493,7 +505,7 @@ def _mosaic_geometries(
 
 
 def _multiframe_planes(path: Path, ds: Dataset) -> list[ImagePlane]:
-    label = _label(ds)
+    label = _label(ds, path)
     try:
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
@@ -574,19 +586,21 @@ def resolve_series_conventions(planes: Sequence[ImagePlane]) -> list[ImagePlane]
     """Apply conventions that only a whole series reveals.
 
     Canon/Toshiba write the b-value only on b > 0 images: within a series in
-    which b > 0 trace images carry a b-value, an image without any b-value at
-    exactly the position of a b > 0 image (one per position, nothing derived)
-    is the b0.  Nothing else is inferred from context.
+    which b > 0 images (trace, or directional as in DTI) carry a b-value, the
+    images without any b-value at exactly the positions of the b > 0 images
+    (the same number at every position: one b0, or several averages, per
+    slice; nothing derived) are the b0.  Nothing else is inferred from context.
     """
     by_series: dict[str, list[int]] = defaultdict(list)
     for i, plane in enumerate(planes):
         by_series[plane.series_instance_uid].append(i)
     resolved = list(planes)
+    weighted_roles = (ImageRole.DWI, ImageRole.DIRECTIONAL)
     for indices in by_series.values():
         series = [planes[i] for i in indices]
         if series[0].vendor is not Vendor.CANON:
             continue
-        weighted = [p for p in series if p.role is ImageRole.DWI and p.geometry is not None]
+        weighted = [p for p in series if p.role in weighted_roles and p.geometry is not None]
         unlabelled = [
             i for i in indices
             if planes[i].role is ImageRole.OTHER and planes[i].cls.reason == NO_B_VALUE
@@ -596,7 +610,8 @@ def resolve_series_conventions(planes: Sequence[ImagePlane]) -> list[ImagePlane]
             continue
         weighted_positions = {_position_key(p.geometry) for p in weighted if p.geometry is not None}
         keys = [_position_key(planes[i].geometry) for i in unlabelled]  # type: ignore[arg-type]
-        if len(set(keys)) != len(keys) or not set(keys) <= weighted_positions:
+        per_position = {keys.count(k) for k in set(keys)}
+        if len(per_position) != 1 or not set(keys) <= weighted_positions:
             log.info(
                 "series %d: %d Canon images without b-value do not match the b>0 positions; "
                 "not taken as b0", series[0].series_number, len(unlabelled),

@@ -46,12 +46,15 @@ from service.errors import (
     UnreadableImage,
 )
 from service.intake.adc import (
+    MIN_TENSOR_DIRECTIONS,
     adc_to_micro,
     balanced_directions,
     check_computed_adc,
     check_declared_unit,
     computed_adc,
     geometric_mean,
+    tensor_rank,
+    tensor_trace,
 )
 from service.intake.classify import ImageRole
 from service.intake.planes import ImagePlane, planes_of, resolve_series_conventions, stack_planes
@@ -364,16 +367,18 @@ def _dwi(planes: Sequence[ImagePlane], notes: list[str]) -> tuple[ImageVolume, l
 
     high_directional = [p for p in directional if (p.b_value or 0.0) >= HIGH_B_MIN]
     if high_directional:
-        return _trace_from_directional(high_directional, notes)
+        return _trace_from_directional(high_directional, planes, notes)
     b_seen = sorted({float(p.b_value) for p in trace + directional if p.b_value is not None})
     detail = f"b-values seen: {', '.join(f'{b:g}' for b in b_seen)}" if b_seen else "only b0 images"
     raise NoHighBValue(f"no high-b (>= {HIGH_B_MIN:g} s/mm2) diffusion images ({detail})")
 
 
 def _trace_from_directional(
-    planes: Sequence[ImagePlane], notes: list[str]
+    planes: Sequence[ImagePlane], all_planes: Sequence[ImagePlane], notes: list[str]
 ) -> tuple[ImageVolume, list[ImagePlane], float]:
-    """Geometric mean of balanced directional images per slice position."""
+    """The trace from directional images: their geometric mean when the directions
+    balance, else a diffusion-tensor fit (6+ non-collinear directions with a b0 of
+    the same series, or 7+ without)."""
     groups: dict[tuple[str, float], list[ImagePlane]] = defaultdict(list)
     for p in planes:
         groups[(p.series_instance_uid, float(p.b_value or 0.0))].append(p)
@@ -387,19 +392,59 @@ def _trace_from_directional(
         raise NoHighBValue(f"{base}, and not every one states its gradient direction")
     what = f"directional DWI b={b_max:g} series {chosen[0].series_number}"
     buckets = _position_buckets(chosen, what)
-    for bucket in buckets:
-        directions = [p.cls.direction for p in bucket if p.cls.direction is not None]
-        if not balanced_directions(directions):
-            raise NoHighBValue(
-                f"{base}, and their {len(directions)} gradient direction(s) per slice do not "
-                "balance to a trace (need e.g. three orthogonal directions)"
-            )
-    dwi, representatives = _combined_volume(buckets, geometric_mean, what)
+    directions = [[p.cls.direction for p in bucket if p.cls.direction is not None] for bucket in buckets]
+    if all(balanced_directions(d) for d in directions):
+        dwi, representatives = _combined_volume(buckets, geometric_mean, what)
+        notes.append(
+            f"DWI b={b_max:g} series {chosen[0].series_number}: trace computed as the geometric "
+            f"mean of {len(buckets[0])} directional images per slice"
+        )
+        return dwi, representatives, b_max
+    return _trace_from_tensor(buckets, directions, all_planes, b_max, what, base, notes)
+
+
+def _trace_from_tensor(
+    buckets: Sequence[Sequence[ImagePlane]],
+    directions: Sequence[Sequence[tuple[float, float, float]]],
+    all_planes: Sequence[ImagePlane],
+    b_value: float,
+    what: str,
+    base: str,
+    notes: list[str],
+) -> tuple[ImageVolume, list[ImagePlane], float]:
+    """Trace S0 exp(-b MD) per slice from a log-linear tensor fit (unbalanced directions)."""
+    series_uid = buckets[0][0].series_instance_uid
+    b0_at: dict[tuple[float, ...], list[ImagePlane]] = defaultdict(list)
+    for p in all_planes:
+        if p.role is ImageRole.B0 and p.series_instance_uid == series_uid and p.geometry is not None:
+            b0_at[tuple(round(float(v), 1) for v in p.geometry.position)].append(p)
+    keys = [tuple(round(float(v), 1) for v in b[0].require_geometry(what).position) for b in buckets]
+    with_b0 = all(b0_at.get(k) for k in keys)
+    ranks = {tensor_rank(d) for d in directions}
+    fewest = min(len(d) for d in directions)
+    if min(ranks) < MIN_TENSOR_DIRECTIONS or (not with_b0 and fewest < MIN_TENSOR_DIRECTIONS + 1):
+        raise NoHighBValue(
+            f"{base}, and their {fewest} gradient direction(s) per slice neither balance to a "
+            f"trace nor determine a diffusion tensor ({min(ranks)} independent; need 6 "
+            "non-collinear directions with a b0 image of the same series, or 7 without)"
+        )
+    counts = {len(b) for b in buckets}
+    if len(counts) != 1:
+        raise GeometryError(f"{what}: different numbers of images per slice position")
+    stack = check_stack([b[0].require_geometry(what) for b in buckets], what=what)
+    voxels = np.stack([
+        tensor_trace(
+            [p.values() for p in buckets[i]], directions[i], b_value,
+            [p.values() for p in b0_at.get(keys[i], [])] if with_b0 else (),
+        )
+        for i in stack.order
+    ])
     notes.append(
-        f"DWI b={b_max:g} series {chosen[0].series_number}: trace computed as the geometric "
-        f"mean of {len(buckets[0])} directional images per slice"
+        f"DWI b={b_value:g} series {buckets[0][0].series_number}: trace computed from a "
+        f"diffusion-tensor fit of {len(buckets[0])} directional images per slice"
+        f"{' and the b0' if with_b0 else ''} (directions not balanced)"
     )
-    return dwi, representatives, b_max
+    return stack.volume(voxels.astype(np.float32)), [buckets[i][0] for i in stack.order], b_value
 
 
 def _scanner_adc(
