@@ -481,7 +481,9 @@ def test_refuses_unbalanced_directions(encoded: Encode, tmp_path: Path) -> None:
             return None  # only two directions per slice left
         return ds
 
-    with pytest.raises(NoHighBValue, match="2 gradient direction\(s\) per slice neither balance to a trace nor determine"):
+    with pytest.raises(
+        NoHighBValue, match=r"2 gradient direction\(s\) per slice neither balance to a trace nor determine"
+    ):
         load_study(_copy_case(encoded(VendorConvention.DIRECTIONAL_NO_ADC), tmp_path, edit))
 
 
