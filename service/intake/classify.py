@@ -126,18 +126,37 @@ def private_element_value(ds: Dataset, group: int, creator: str, offset: int) ->
     The creator is matched case-insensitively and without padding, because
     archives and anonymisers rewrite these strings.
     """
-    wanted = creator.strip().upper()
-    low, high = (group << 16) | 0x10, (group << 16) | 0xFF
-    for tag in [t for t in map(int, ds.keys()) if low <= t <= high]:
-        block = tag & 0xFF
+    block = _private_creators(ds).get((group, creator.strip().upper()))
+    if block is None:
+        return None
+    elem = ds.get((group, (block << 8) | offset))
+    return None if elem is None else elem.value
+
+
+_CREATORS_ATTRIBUTE = "_strokeseg_private_creators"
+
+
+def _private_creators(ds: Dataset) -> dict[tuple[int, str], int]:
+    """(group, creator upper-case) -> block of every private creator in ``ds``.
+
+    Built once per dataset (a Philips classic image has hundreds of elements
+    and classification asks for a dozen private ones) and rebuilt when the
+    dataset gained or lost elements since.
+    """
+    cached = ds.__dict__.get(_CREATORS_ATTRIBUTE)
+    if cached is not None and cached[0] == len(ds):
+        return cached[1]  # type: ignore[no-any-return]
+    creators: dict[tuple[int, str], int] = {}
+    for tag in map(int, ds.keys()):
+        group, element = tag >> 16, tag & 0xFFFF
+        if group % 2 == 0 or not 0x10 <= element <= 0xFF:
+            continue
         value = ds[tag].value
         if isinstance(value, bytes):
             value = value.decode("latin-1", errors="replace")
-        if str(value).strip().strip("\x00").upper() != wanted:
-            continue
-        elem = ds.get((group, (block << 8) | offset))
-        return None if elem is None else elem.value
-    return None
+        creators.setdefault((group, str(value).strip().strip("\x00").upper()), element)
+    object.__setattr__(ds, _CREATORS_ATTRIBUTE, (len(ds), creators))
+    return creators
 
 
 def _numbers(value: Any, binary_format: str | None = None) -> list[float]:
