@@ -238,3 +238,37 @@ def test_coplanar_directions_are_refused_with_an_accurate_hint(tmp_path: Path) -
     paths = write_series(_directional_study(coplanar), tmp_path)  # type: ignore[arg-type]
     with pytest.raises(NoHighBValue, match=r"their 12 gradient direction\(s\) .* \(3 independent"):
         load_study(paths)
+
+
+# --------------------------------------------------------------------------
+# UIH (issue 10, item 4)
+
+
+def _uih(series: list[Dataset], b: float) -> list[Dataset]:
+    for ds in series:
+        ds.Manufacturer = "UIH"
+        del ds.DiffusionBValue
+        ds.add_new((0x0065, 0x0010), "LO", "Image Private Header")
+        ds.add_new((0x0065, 0x1009), "FD", b)
+    return series
+
+
+def test_uih_b_value_from_its_private_element(tmp_path: Path) -> None:
+    study, frame = generate_uid(), generate_uid()
+    dwi = _uih(_series(1000, study, frame, value=1000 * np.exp(-0.8)), 1000.0)
+    b0 = _uih(_series(0, study, frame), 0.0)
+    for ds in b0:
+        ds.SeriesInstanceUID = dwi[0].SeriesInstanceUID
+    result = load_study(_write(tmp_path, dwi, b0))
+    assert result.b_value == 1000
+    assert any("UIH (0065,1009)" in note for note in result.notes)
+    assert np.median(result.adc.voxels) == pytest.approx(800.0, rel=0.01)
+
+
+def test_uih_vframe_is_refused_with_its_own_reason(tmp_path: Path) -> None:
+    study, frame = generate_uid(), generate_uid()
+    dwi = _uih(_series(1000, study, frame), 1000.0)
+    for ds in dwi:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "DIFFUSION", "VFRAME"]
+    with pytest.raises(NoDiffusionSeries, match="UIH \\(uMR\\) VFRAME"):
+        load_study(_write(tmp_path, dwi))

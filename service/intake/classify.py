@@ -16,6 +16,8 @@ and trusts none of them more than the evidence allows:
 * Philips: (2001,xx03) "Philips Imaging DD 001" b-factor, (2001,xx04)
   direction ('I' = isotropic), (2005,xxB0..B2) gradient, and in Enhanced MR
   the private per-frame sequence (2005,xx0F) "Philips MR Imaging DD 005";
+* UIH (uMR): (0065,1009) b-value and (0065,1037) gradient direction, as
+  dcm2niix reads them (fixed element numbers, whatever the creator);
 * Canon/Toshiba: DiffusionBValue only on b > 0 images, or ImageComments
   ``b=1000(x,y,z)``; the b0 image carries none (resolved per series by
   :func:`service.intake.planes.resolve_series_conventions`, never per image).
@@ -78,6 +80,7 @@ class Vendor(enum.StrEnum):
     GE = "ge"
     PHILIPS = "philips"
     CANON = "canon"  # Canon Medical, formerly Toshiba
+    UIH = "uih"  # United Imaging Healthcare (uMR)
     UNKNOWN = "unknown"
 
 
@@ -92,6 +95,8 @@ def vendor_of(ds: Dataset) -> Vendor:
         return Vendor.PHILIPS
     if "CANON" in name or "TOSHIBA" in name:
         return Vendor.CANON
+    if name == "UIH" or "UNITED IMAGING" in name:
+        return Vendor.UIH
     return Vendor.UNKNOWN
 
 
@@ -406,6 +411,22 @@ def _canon_evidence(ds: Dataset, evidence: _Evidence) -> None:
             evidence.add_direction("Canon ImageComments direction", vector)
 
 
+#: UIH private elements (as dcm2niix reads them): b-value, gradient direction.
+UIH_B_VALUE = (0x0065, 0x1009)
+UIH_GRADIENT = (0x0065, 0x1037)
+
+
+def _uih_evidence(ds: Dataset, evidence: _Evidence) -> None:
+    elem = ds.get(UIH_B_VALUE)
+    b = _numbers(None if elem is None else elem.value, "d")
+    if b:
+        evidence.b_values.append(("UIH (0065,1009)", b[0]))
+    elem = ds.get(UIH_GRADIENT)
+    vector = _numbers(None if elem is None else elem.value, "d")
+    if len(vector) == 3:
+        evidence.add_direction("UIH (0065,1037)", vector)
+
+
 def _as_list(vector: np.ndarray | None) -> list[float] | None:
     return None if vector is None else [float(v) for v in vector]
 
@@ -468,6 +489,8 @@ def classify_image(ds: Dataset) -> ImageClass:
         _siemens_sequence_name_evidence(ds, evidence)
     if vendor is Vendor.CANON:
         _canon_evidence(ds, evidence)
+    if vendor is Vendor.UIH:
+        _uih_evidence(ds, evidence)
     return _decide(tokens, evidence)
 
 

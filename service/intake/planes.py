@@ -62,6 +62,12 @@ from service.intake.volume import (
 
 log = logging.getLogger(__name__)
 
+#: Why a UIH VFRAME image is not read (refusal reasons quote it).
+UIH_VFRAME = (
+    "UIH (uMR) VFRAME image: several slices packed in one image, whose tile layout is not "
+    "documented; not supported"
+)
+
 #: SOP classes whose frames carry per-frame functional groups we can read.
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
@@ -338,6 +344,8 @@ def planes_of(path: Path, ds: Dataset) -> list[ImagePlane]:
         n_frames = 1
     if n_frames > 1:
         return [_other(path, ds, "multi-frame image without functional groups")]
+    if vendor_of(ds) is Vendor.UIH and "VFRAME" in image_type_tokens(ds.get("ImageType", None)):
+        return [_other(path, ds, UIH_VFRAME)]
     # A MOSAIC says so in ImageType (as dcm2niix relies on); a count in the
     # CSA header alone does not make one (non-mosaic images may carry it).
     if "MOSAIC" in image_type_tokens(ds.get("ImageType", None)):

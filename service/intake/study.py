@@ -57,7 +57,13 @@ from service.intake.adc import (
     tensor_trace,
 )
 from service.intake.classify import ImageRole
-from service.intake.planes import ImagePlane, planes_of, resolve_series_conventions, stack_planes
+from service.intake.planes import (
+    UIH_VFRAME,
+    ImagePlane,
+    planes_of,
+    resolve_series_conventions,
+    stack_planes,
+)
 from service.intake.volume import check_stack
 
 log = logging.getLogger(__name__)
@@ -331,9 +337,15 @@ def _dwi(planes: Sequence[ImagePlane], notes: list[str]) -> tuple[ImageVolume, l
     directional = [p for p in planes if p.role is ImageRole.DIRECTIONAL]
     b0 = [p for p in planes if p.role is ImageRole.B0]
     if not trace and not directional and not b0:
-        # The reason stays the bare default: it is a metric label and what
-        # operators filter on; what was seen instead goes to the log.
+        # The reason stays the bare default (what operators filter on; what was
+        # seen instead goes to the log), unless a known unsupported format was seen.
         log.warning("no diffusion series; %s", _seen(planes) or "no images")
+        vframes = sum(1 for p in planes if p.cls.reason == UIH_VFRAME)
+        if vframes:
+            raise NoDiffusionSeries(
+                f"no readable diffusion series: {vframes} {UIH_VFRAME}; ask the scanner or PACS "
+                "to send the diffusion series as single-slice images or Enhanced MR"
+            )
         raise NoDiffusionSeries()
 
     if not trace and not directional:
