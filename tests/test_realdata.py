@@ -7,6 +7,7 @@ every millilitre the served model reports on them is a false positive.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,11 @@ from models.synth.lesions import LesionClass
 from service.config import load_settings
 from service.derive.sr import read_lesion_findings
 from service.inference import load_model
-from service.intake import load_study
+from service.intake import ImageRole, load_study
+from service.intake.planes import resolve_series_conventions
+from service.intake.study import _read_planes
 from service.pipeline import segment_files
+from tests.peers import dciodvfy_errors
 
 REALDATA = Path(__file__).parent / "data" / "realdata"
 SCANS = sorted(p for p in REALDATA.iterdir() if (p / "dicom").is_dir())
@@ -43,6 +47,18 @@ def test_the_license_notices_travel_with_the_copies() -> None:
 
 
 @pytest.mark.parametrize("scan", SCANS, ids=[p.name for p in SCANS])
+def test_every_b_value_of_the_reference_is_read(scan: Path) -> None:
+    """Issue 10: each real scan is read with exactly the b-values of its dcm2niix ``.bval``."""
+    planes = resolve_series_conventions(_read_planes(_files(scan)))
+    diffusion = [p for p in planes if p.role in (ImageRole.B0, ImageRole.DWI, ImageRole.DIRECTIONAL)]
+    positions = {tuple(np.round(p.geometry.position, 1)) for p in diffusion if p.geometry is not None}
+    read = Counter(p.b_value for p in diffusion)
+    volumes = {b: n / len(positions) for b, n in read.items()}
+    (bval,) = (scan / "ref").glob("*.bval")
+    assert volumes == dict(Counter(float(v) for v in bval.read_text().split()))
+
+
+@pytest.mark.parametrize("scan", SCANS, ids=[p.name for p in SCANS])
 def test_healthy_real_scan_gets_no_lesion_and_no_core(scan: Path, tmp_path: Path) -> None:
     """Issue 9's bar: <= 1 mL lesion and <= 1 mL ADC core on a real healthy brain."""
     settings = load_settings()
@@ -60,6 +76,8 @@ def test_healthy_real_scan_gets_no_lesion_and_no_core(scan: Path, tmp_path: Path
     reported = read_lesion_findings(pydicom.dcmread(next(tmp_path.glob("SR_*.dcm"))))
     assert reported.validity_status == "within"
     assert reported.lesion_volume_ml == pytest.approx(result.segmentation.lesion_volume_ml)
+    for obj in result.objects:  # issue 10: what we write from real scanner files is valid
+        assert dciodvfy_errors(obj.path) == [], obj.kind
 
 
 @pytest.fixture(scope="module")
