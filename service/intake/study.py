@@ -348,9 +348,10 @@ def _dwi(planes: Sequence[ImagePlane], notes: list[str]) -> tuple[ImageVolume, l
             )
         raise NoDiffusionSeries()
 
-    if not trace and not directional:
+    if not trace and not directional and not any(p.role is ImageRole.ADC for p in planes):
         # GE writes b = 0 in (0043,xx39) and Philips in (2001,xx03) on T1, fMRI and
-        # ASL images: b=0 images alone are not a diffusion acquisition.
+        # ASL images: b=0 images alone (no b > 0 image, no ADC map) are not a
+        # diffusion acquisition.
         series = sorted({p.series_number for p in b0})
         raise NoDiffusionSeries(
             "no diffusion series: only images with b = 0 (series "
