@@ -126,6 +126,28 @@ def test_adc_shifted_in_plane_is_refused(tmp_path: Path) -> None:
     assert any("resampled" in note for note in result.notes)
 
 
+def test_large_bright_infarct_does_not_look_misaligned(tmp_path: Path) -> None:
+    """A third of the head bright on DWI must not move 'the head' off the ADC's."""
+    study, frame = generate_uid(), generate_uid()
+    dwi = make_dwi_series(N, 64, 64, study_instance_uid=study, frame_of_reference_uid=frame)
+    adc = make_dwi_series(N, 64, 64, study_instance_uid=study, frame_of_reference_uid=frame)
+    for ds in dwi:
+        pixels = ds.pixel_array.astype(np.float64)
+        pixels[:, :24] = np.where(pixels[:, :24] > 200, 3000, pixels[:, :24])  # the infarct
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for ds in adc:
+        del ds.DiffusionBValue
+        ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"]
+        head = ds.pixel_array[::2, ::2] > 200
+        values = np.where(head, 800, 0)
+        values[:, :12] = np.where(head[:, :12], 450, 0)
+        ds.PixelData = values.astype(np.uint16).tobytes()
+        ds.Rows = ds.Columns = 32
+        ds.PixelSpacing = [7.0, 7.0]
+    result = load_study(_write(tmp_path, dwi, adc))
+    assert any("resampled" in note for note in result.notes)
+
+
 def test_dwi_cut_short_is_refused(tmp_path: Path) -> None:
     """4 of 12 high-b slices arrived; the b0 of the same series has all 12 positions."""
     study, frame = generate_uid(), generate_uid()
