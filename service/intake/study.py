@@ -162,7 +162,7 @@ MAX_HEAD_OFFSET_MM = 10.0
 def _check_alignment(resampled: ImageVolume, dwi: ImageVolume, what: str) -> None:
     """Refuse an ADC/b0 whose head sits elsewhere than the DWI's (a shifted or foreign header).
 
-    The head is what has signal: above a fifth of the 99th percentile on the
+    The head is what has signal: above a tenth of the 99th percentile on the
     DWI and on a b0 (a low cut, so a large bright infarct cannot take the
     mask over, as it could with Otsu), tissue values (100-1600 x 1e-6 mm2/s:
     parenchyma and lesion, not CSF or the zeroed background) on an ADC map.
@@ -187,7 +187,7 @@ def _check_alignment(resampled: ImageVolume, dwi: ImageVolume, what: str) -> Non
 def _signal_mask(voxels: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
     values = np.nan_to_num(voxels)
     ceiling = float(np.percentile(values, 99))
-    return values > 0.2 * ceiling if ceiling > 0 else np.zeros(values.shape, dtype=bool)
+    return values > 0.1 * ceiling if ceiling > 0 else np.zeros(values.shape, dtype=bool)
 
 
 def _ranges(numbers: Iterable[int]) -> str:
