@@ -22,7 +22,7 @@ from service.derive.sr import read_lesion_findings
 from service.inference import load_model
 from service.intake import ImageRole, load_study
 from service.intake.planes import resolve_series_conventions
-from service.intake.study import _read_planes
+from service.intake.reading import read_planes as _read_planes
 from service.pipeline import segment_files
 from tests.peers import dciodvfy_errors
 

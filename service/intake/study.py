@@ -30,10 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 import SimpleITK as sitk
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from service.domain import DiffusionStudy, ImageVolume, SourceFrame
 from service.errors import (
@@ -60,10 +57,10 @@ from service.intake.classify import ImageRole
 from service.intake.planes import (
     UIH_VFRAME,
     ImagePlane,
-    planes_of,
     resolve_series_conventions,
     stack_planes,
 )
+from service.intake.reading import read_planes
 from service.intake.volume import check_stack
 
 log = logging.getLogger(__name__)
@@ -73,26 +70,6 @@ MIN_ADC_COVERAGE = 0.5
 
 # Kept for callers and tests written against the first intake.
 _adc_to_micro = adc_to_micro
-
-
-def read_dicom(path: Path, *, stop_before_pixels: bool = False) -> Dataset | None:
-    """Read a DICOM file; None when it is not DICOM at all (logged)."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, KeyError) as exc:
-        log.warning("skipping unreadable file %s: %s", path.name, type(exc).__name__)
-        return None
-
-
-def group_by_study(paths: Iterable[Path]) -> dict[str, list[Path]]:
-    """Group DICOM files by StudyInstanceUID (headers only); non-DICOM files are skipped."""
-    studies: dict[str, list[Path]] = defaultdict(list)
-    for path in paths:
-        ds = read_dicom(path, stop_before_pixels=True)
-        if ds is None or "StudyInstanceUID" not in ds:
-            continue
-        studies[str(ds.StudyInstanceUID)].append(path)
-    return dict(studies)
 
 
 def as_sitk(volume: ImageVolume, voxels: np.ndarray | None = None) -> sitk.Image:
@@ -209,16 +186,6 @@ def _ranges(numbers: Iterable[int]) -> str:
 # Reading
 
 
-def _read_planes(paths: Sequence[Path]) -> list[ImagePlane]:
-    planes: list[ImagePlane] = []
-    for path in paths:
-        ds = read_dicom(path)
-        if ds is None:
-            continue
-        planes.extend(planes_of(path, ds))
-    return planes
-
-
 def _seen(planes: Sequence[ImagePlane]) -> str:
     """What the ignored planes were, for refusal reasons (most common first)."""
     counts = Counter(p.cls.reason or p.role.value for p in planes if p.role is ImageRole.OTHER)
@@ -289,7 +256,7 @@ def load_study(paths: Iterable[Path]) -> DiffusionStudy:
 
     Raises a :class:`StudyRefused` subclass when the study cannot be segmented.
     """
-    planes = _read_planes(sorted(paths))
+    planes = read_planes(paths)
     if not planes:
         raise UnreadableImage("no readable DICOM images in study")
     study_uids = {p.study_instance_uid for p in planes}
