@@ -52,11 +52,15 @@ def study_completeness(signatures: Sequence[InstanceSignature]) -> bool | None:
     Incomplete (False): no high-b DWI yet, a hole in its slice stack, no ADC
     or b0 covering it, or a b0 of the DWI's series / an ADC overlapping it
     with slice positions beyond it (a transfer cut after the first slices).
+    A directional-only acquisition (Philips, GE and Canon often send no trace)
+    stands in for the trace when there is none; it is incomplete while its
+    slice positions hold different numbers of directions (a cut mid-volume).
     Multi-frame objects carry their slices inside, so the headers can't tell.
     """
     if not signatures or any(sig.frames > 1 for sig in signatures):
         return None
     high_b: dict[tuple[str, float], set[float]] = defaultdict(set)
+    directions: dict[tuple[str, float], dict[float, int]] = defaultdict(lambda: defaultdict(int))
     adc: dict[str, set[float]] = defaultdict(set)
     b0: dict[str, set[float]] = defaultdict(set)
     for sig in signatures:
@@ -65,12 +69,21 @@ def study_completeness(signatures: Sequence[InstanceSignature]) -> bool | None:
         position = round(sig.slice_position, POSITION_DECIMALS)
         if sig.role == "dwi" and (sig.b_value or 0.0) >= HIGH_B_MIN:
             high_b[(sig.series_instance_uid, float(sig.b_value or 0.0))].add(position)
+        elif sig.role == "directional" and (sig.b_value or 0.0) >= HIGH_B_MIN:
+            directions[(sig.series_instance_uid, float(sig.b_value or 0.0))][position] += 1
         elif sig.role == "adc":
             adc[sig.series_instance_uid].add(position)
         elif sig.role == "b0":
             b0[sig.series_instance_uid].add(position)
     if not high_b:
-        return False
+        if not directions:
+            return False
+        b_top = max(b for _, b in directions)
+        counts = max((c for (_, b), c in directions.items() if b == b_top), key=len)
+        if len(set(counts.values())) != 1:
+            return False  # some slice positions still lack directions
+        series = next(uid for (uid, b), c in directions.items() if c is counts)
+        high_b[(series, b_top)] = set(counts)
     b_max = max(b for _, b in high_b)
     series, positions = max(
         ((uid, p) for (uid, b), p in high_b.items() if b == b_max), key=lambda item: len(item[1])

@@ -111,6 +111,32 @@ def test_dwi_cut_short_is_incomplete(sigs: list[InstanceSignature]) -> None:
     assert study_completeness(sigs) is False
 
 
+def _directions(series: str, n: int, positions: list[float]) -> list[InstanceSignature]:
+    return [sig for _ in range(n) for sig in _stack(series, "directional", 1000, positions)]
+
+
+def test_directional_only_acquisition_is_complete() -> None:
+    """Philips/GE/Canon classic export without a trace: the directions stand in for it."""
+    sigs = _directions("dti", 16, POSITIONS) + _stack("dti", "b0", 0, POSITIONS)
+    assert study_completeness(sigs) is True
+
+
+@pytest.mark.parametrize(
+    "sigs",
+    [
+        # cut mid-volume: the last two positions hold 15 of 16 directions
+        _directions("dti", 15, POSITIONS) + _directions("dti", 1, POSITIONS[:-2])
+        + _stack("dti", "b0", 0, POSITIONS),
+        # all directions, no b0 yet
+        _directions("dti", 16, POSITIONS),
+        # b0 of the series reaches beyond the directions received so far
+        _directions("dti", 16, POSITIONS[:6]) + _stack("dti", "b0", 0, POSITIONS),
+    ],
+)
+def test_directional_only_acquisition_cut_short_is_incomplete(sigs: list[InstanceSignature]) -> None:
+    assert study_completeness(sigs) is False
+
+
 def test_incomplete_study_waits_once_more_at_the_idle_timeout(tmp_path: Path) -> None:
     """Idle but incomplete: queued only after the extra wait; a complete one at the timeout."""
     store = JobStore(Database(f"sqlite:///{tmp_path / 'jobs.sqlite'}"))
