@@ -251,10 +251,18 @@ def export(
     reproduce: Annotated[str | None, typer.Option(help="Card text: the commands that reproduce this model.")] = None,
     include_checkpoint: Annotated[bool, typer.Option(help="Ship the PyTorch checkpoint in the bundle (checkpoint.pt) so sites can fine-tune it.")] = False,
     report: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False, help="report.json of `strokeseg evaluate` runs of this model: their summaries go on the card (repeatable).")] = None,
+    test_time_augmentation: Annotated[list[str] | None, typer.Option("--test-time-augmentation", help="Serve the network with this test-time augmentation (repeatable): flip_columns = mean of the slices and their left-right mirror. Evaluate the bundle after export: the card's figures must be measured with it.")] = None,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic slice count; parity with PyTorch checked) as a model bundle."""
     _need_training_extra()
     _logging()
+    from service.inference.card import TEST_TIME_AUGMENTATIONS
+
+    unknown = sorted(set(test_time_augmentation or ()) - set(TEST_TIME_AUGMENTATIONS))
+    if unknown:
+        typer.echo(f"error: unknown test-time augmentation {', '.join(unknown)} "
+                   f"(known: {', '.join(TEST_TIME_AUGMENTATIONS)})", err=True)
+        raise typer.Exit(2)
     from models.export import write_bundle
     from models.training.trainer import load_checkpoint
 
@@ -274,6 +282,7 @@ def export(
                 [str(record.get("meta", {}).get("command", "")), _command_line()]
             ),
             checkpoint=checkpoint if include_checkpoint else None,
+            test_time_augmentation=tuple(test_time_augmentation or ()),
         )
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -1,6 +1,6 @@
 """Export a trained U-Net to ONNX, check parity, and write the model bundle.
 
-    strokeseg export runs/unet2d/best.pt --out models/zoo/unet2d-realanat/0.3.0 [--metrics m.json]
+    strokeseg export runs/unet2d/best.pt --out models/zoo/unet2d-realanat/0.4.0 [--metrics m.json]
 
 The bundle is what ``service.inference`` loads: ``model.onnx`` (input
 ``image`` (slices, 2, H, W) float32, output ``probability`` (slices, 1, H, W)
@@ -142,6 +142,7 @@ def write_bundle(
     training_data: str | None = None,
     reproduce: str = "",
     checkpoint: Path | None = None,
+    test_time_augmentation: tuple[str, ...] = (),
 ) -> Path:
     """Export, verify parity and write model.onnx + model.yaml + SHA256SUMS into ``out_dir``.
 
@@ -192,6 +193,7 @@ def write_bundle(
         "output": {"name": OUTPUT_NAME, "activation": "sigmoid"},
         "preprocessing_profile": meta.get("preprocessing_profile", "dwi-median-adc-fixed-v1"),
         "threshold": threshold,
+        **({"test_time_augmentation": list(test_time_augmentation)} if test_time_augmentation else {}),
         "intended_use": "Research and integration testing only. Not for diagnosis.",
         "training_data": training_data or (
             f"{n_train} training and {n_val} validation studies"

@@ -176,6 +176,35 @@ def test_export_parity_and_serving(architecture: str, tmp_path: Path) -> None:
     assert prob.shape == (11, 1, 64, 64)
 
 
+def test_export_with_test_time_augmentation_serves_the_mirrored_mean(tmp_path: Path) -> None:
+    """A card with flip_columns: the served probability is the mean of the slices and their mirror."""
+    from service.inference import predict_probability
+
+    torch.manual_seed(3)
+    net = build_network("unet2d", width_config("unet2d", 4))
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"architecture": "unet2d", "config": width_config("unet2d", 4), "state_dict": net.state_dict(),
+                "meta": {"grid": {"matrix": [64, 64], "pixel_spacing_mm": [3.6, 3.6]}}}, run / "best.pt")
+    _strokeseg("export", run / "best.pt", "--out", tmp_path / "tta", "--test-time-augmentation", "flip_columns")
+    model = load_model(tmp_path / "tta")
+    assert model.card.test_time_augmentation == ("flip_columns",)
+    x = np.random.default_rng(1).uniform(0, 2, size=(5, 2, 64, 64)).astype(np.float32)
+
+    def network(batch: np.ndarray) -> np.ndarray:
+        (prob,) = model.session.run(["probability"], {"image": np.ascontiguousarray(batch)})
+        return np.asarray(prob)[:, 0]
+
+    served = predict_probability(model, x)
+    expected = (network(x) + network(x[..., ::-1])[..., ::-1]) / 2
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+    assert float(np.abs(served - network(x)).max()) > 1e-4  # the mirror did change the result
+
+    refused = runner.invoke(app, ["export", str(run / "best.pt"), "--out", str(tmp_path / "bad"),
+                                  "--test-time-augmentation", "flip_rows"])
+    assert refused.exit_code == 2 and "flip_rows" in refused.output
+
+
 def test_evaluate_writes_report(cases: Path, tmp_path: Path) -> None:
     from service.config import BUNDLED_MODEL_DIR as bundled
     output = _strokeseg("evaluate", cases, "--model", bundled, "--out", tmp_path / "report")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ModelError
 from service.preprocess import DEFAULT_PROFILE, PROFILES, ModelGrid
+
+TestTimeAugmentation = Literal["flip_columns"]
+TEST_TIME_AUGMENTATIONS: tuple[str, ...] = ("flip_columns",)
 
 
 class _Strict(BaseModel):
@@ -60,6 +63,10 @@ class ModelCard(_Strict):
     output: ModelOutputSpec = Field(default_factory=ModelOutputSpec)
     preprocessing_profile: str = DEFAULT_PROFILE
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    #: Test-time augmentation the model was validated with; the probability is the mean over
+    #: the original and each transform (undone on the output). ``flip_columns`` mirrors the
+    #: model grid's columns (left-right on axial slices), the flip the network was trained with.
+    test_time_augmentation: tuple[TestTimeAugmentation, ...] = ()
     intended_use: str = "Research use only. Not for diagnosis."
     training_data: str = ""
     #: What the network sees when the scan's b-value is not ~1000 (the profile's harmonisation,

@@ -74,10 +74,16 @@ def _planes_of_chunk(paths: Sequence[Path]) -> list[ImagePlane]:
 
 
 def _study_uids_of_chunk(paths: Sequence[Path]) -> list[str | None]:
+    """StudyInstanceUID of each file; pydicom skips the values of every other element."""
     uids: list[str | None] = []
     for path in paths:
-        ds = read_dicom(path, stop_before_pixels=True)
-        uid = ds.get("StudyInstanceUID", None) if ds is not None else None
+        try:
+            ds = pydicom.dcmread(path, specific_tags=["StudyInstanceUID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, KeyError) as exc:
+            log.warning("skipping unreadable file %s: %s", path.name, type(exc).__name__)
+            uids.append(None)
+            continue
+        uid = ds.get("StudyInstanceUID", None)
         uids.append(str(uid) if uid else None)
     return uids
 
