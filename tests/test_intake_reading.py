@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.uid import RLELossless, generate_uid
 
 from service.errors import UnreadableImage
 from service.intake import load_study, reading
-from service.intake.planes import slim_pixel_sources
+from service.intake.planes import planes_of, slim_pixel_sources
 from tests.dicom_factory import make_dwi_series, write_series
 
 N = 10
@@ -100,11 +101,13 @@ def test_slim_sources_decode_the_same_pixels(tmp_path: Path) -> None:
         ds.PixelData = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32).tobytes()
         ds.compress(RLELossless)  # pydicom's own encoder; decoding needs the transfer syntax
     paths = write_series(series, tmp_path / "s")
-    full = reading.read_planes(paths, readers=1)
-    slim = reading.read_planes(paths, readers=1)
-    slim_pixel_sources(slim)
+    full = [plane for path in paths for plane in planes_of(path, dcmread(path))]
+    slim = reading.read_planes(paths, readers=1)  # slimmed as each file is read
+    assert all(len(p.pixels.cache._ds) < 15 for p in slim if p.pixels is not None)  # type: ignore[attr-defined]
     for a, b in zip(full, slim, strict=True):
         np.testing.assert_array_equal(a.values(), b.values())
+    slim_pixel_sources(slim)  # a second slimming is harmless
+    np.testing.assert_array_equal(slim[1].values(), full[1].values())
     np.testing.assert_array_equal(slim[0].stored_values(), np.arange(32 * 32).reshape(32, 32))
 
 

@@ -58,34 +58,42 @@ def default_readers() -> int:
 
 
 def _planes_of_files(paths: Sequence[Path]) -> list[ImagePlane]:
+    """Parse and classify each file; each object keeps only its pixel module.
+
+    Slimming as each file is read keeps the heap small. Holding every full header
+    instead (thousands of small objects per Philips image) made Python's cyclic
+    collector walk an ever larger heap: a 1,968-file series took 7.2 s to read in one
+    process that way, 4.0 s this way.
+    """
     planes: list[ImagePlane] = []
     for path in paths:
         ds = read_dicom(path)
         if ds is not None:
-            planes.extend(planes_of(path, ds))
+            found = planes_of(path, ds)
+            slim_pixel_sources(found)
+            planes.extend(found)
     return planes
 
 
 def _planes_of_chunk(paths: Sequence[Path]) -> list[ImagePlane]:
-    """Child side: parse, classify, and keep only what the parent needs (see module doc)."""
-    planes = _planes_of_files(paths)
-    slim_pixel_sources(planes)
-    return planes
+    """Child side: the planes of a share of the files, small enough to send back."""
+    return _planes_of_files(paths)
 
 
 def _study_uids_of_chunk(paths: Sequence[Path]) -> list[str | None]:
     """StudyInstanceUID of each file; pydicom skips the values of every other element."""
-    uids: list[str | None] = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, specific_tags=["StudyInstanceUID"])
-        except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, KeyError) as exc:
-            log.warning("skipping unreadable file %s: %s", path.name, type(exc).__name__)
-            uids.append(None)
-            continue
-        uid = ds.get("StudyInstanceUID", None)
-        uids.append(str(uid) if uid else None)
-    return uids
+    return [_study_uid(path) for path in paths]
+
+
+def _study_uid(path: Path) -> str | None:
+    """StudyInstanceUID of one file (None when it is not DICOM or has none)."""
+    try:
+        ds = pydicom.dcmread(path, specific_tags=["StudyInstanceUID"])
+    except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, KeyError) as exc:
+        log.warning("skipping unreadable file %s: %s", path.name, type(exc).__name__)
+        return None
+    uid = ds.get("StudyInstanceUID", None)
+    return str(uid) if uid else None
 
 
 def _chunks(paths: Sequence[Path], n: int) -> list[Sequence[Path]]:
