@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,50 @@ def test_unparseable_dataset_gets_failure_and_scp_keeps_serving(
     assert running.store.instance_paths(str(ds.StudyInstanceUID)) == []
     assert list(running.spool.incoming.rglob("*.dcm")) == []
     assert _echo(running.port) == 0  # still serving
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    ("element", "value"),
+    [
+        ("SOPInstanceUID", "1.2." + "3" * 200),  # 204 characters
+        ("StudyInstanceUID", "1.2.840.abc.4"),  # not digits and dots
+        ("SeriesInstanceUID", "1.2.3/../../etc"),  # would be a path in the spool
+    ],
+)
+def test_invalid_uid_is_cannot_understand_on_every_backend(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str, element: str, value: str
+) -> None:
+    """The same bad UID gets the same answer, 0xC000, whatever database is behind the SCP."""
+    url = (f"sqlite:///{tmp_path / 'jobs.sqlite'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    db = Database(url)
+    store = JobStore(db)
+    spool = Spool(tmp_path / "spool")
+    scp = StorageSCP(ae_title="STROKESEG", host="127.0.0.1", port=free_port(), spool=spool, store=store)
+    scp.start()
+    try:
+        bad, good = make_dwi_series(2, 16, 16)
+        setattr(bad, element, value)
+        if element == "SOPInstanceUID":
+            bad.file_meta.MediaStorageSOPInstanceUID = value
+        files = write_series([bad, good], tmp_path / "in")
+        # dcmtk's storescu sends what it is given (pynetdicom's SCU refuses such UIDs itself).
+        sent = subprocess.run(
+            [dcmtk_tool("storescu"), "-d", "-aet", "MRI1", "-aec", "STROKESEG", "-nh",
+             "127.0.0.1", str(scp.port), *map(str, files)],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        scp.stop()
+    statuses = re.findall(r"DIMSE Status\s*:\s*(0x[0-9A-Fa-f]{4})", sent.stdout + sent.stderr)
+    assert [int(s, 16) for s in statuses] == [0xC000, 0x0000], sent.stdout + sent.stderr
+    assert list(spool.incoming.rglob("*.dcm")) == [spool.incoming.joinpath(*_spool_parts(good))]
+    db.dispose()
+
+
+def _spool_parts(ds: pydicom.Dataset) -> tuple[str, ...]:
+    return (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), f"{ds.SOPInstanceUID}.dcm")
 
 
 def test_persistence_failure_is_never_success(running: _Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

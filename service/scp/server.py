@@ -9,6 +9,7 @@ sender keeps its copy and can retry.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,27 @@ CANNOT_UNDERSTAND = 0xC000
 
 Describe = Callable[[Dataset], InstanceSignature]
 
+# PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros in a component are
+# not conformant either, but some scanners write them and they do no harm here.
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+MAX_UID_LENGTH = 64
+
+
+def uid_problem(name: str, value: str) -> str | None:
+    """Why ``value`` is not a usable UID (PS3.5 9.1), or None when it is.
+
+    UIDs become folder names in the spool and keys in the database, so a UID that is
+    not one is refused the same way on every backend: 0xC000 "cannot understand",
+    which tells the sender not to retry the same bytes.
+    """
+    if not value:
+        return f"{name} is empty"
+    if len(value) > MAX_UID_LENGTH:
+        return f"{name} is {len(value)} characters long (at most {MAX_UID_LENGTH})"
+    if not _UID.fullmatch(value):
+        return f"{name} has characters other than digits and dots"
+    return None
+
 
 @dataclass
 class StoreHandler:
@@ -63,8 +85,21 @@ class StoreHandler:
             )
             metrics.STORE_FAILURES.labels(status=hex(CANNOT_UNDERSTAND)).inc()
             return CANNOT_UNDERSTAND
+        problems = [
+            problem
+            for problem in (
+                uid_problem("StudyInstanceUID", study_uid),
+                uid_problem("SeriesInstanceUID", series_uid),
+                uid_problem("SOPInstanceUID", sop_uid),
+            )
+            if problem
+        ]
+        if problems:
+            log.warning("C-STORE from %s refused: %s", calling_ae, "; ".join(problems))
+            metrics.STORE_FAILURES.labels(status=hex(CANNOT_UNDERSTAND)).inc()
+            return CANNOT_UNDERSTAND
         request_sop = str(event.request.AffectedSOPInstanceUID)
-        if sop_uid != request_sop or not study_uid or not series_uid:
+        if sop_uid != request_sop:
             log.warning(
                 "C-STORE from %s refused: dataset UIDs do not match the request", calling_ae
             )
