@@ -19,6 +19,7 @@ from pydicom import dcmread
 
 from service import metrics
 from service.assess import Assessment, AssessOptions, RestrictionLimits, ValidityLimits, assess
+from service.backoff import backoff_delay_s
 from service.config import AssessSettings, DeriveSettings, Destination, Settings
 from service.db import Database, JobStore, JobSummary, validity_fields
 from service.db.commitment import CommitmentStore
@@ -280,7 +281,9 @@ def _next_attempt(ctx: WorkerContext, summary: JobSummary) -> datetime | None:
     now = utcnow()
     if (now - summary.created_at).total_seconds() >= policy.retry_max_age_s:
         return None
-    delay = min(policy.retry_initial_s * 2 ** max(summary.attempts - 1, 0), policy.retry_max_interval_s)
+    delay = backoff_delay_s(
+        summary.attempts, initial_s=policy.retry_initial_s, max_interval_s=policy.retry_max_interval_s
+    )
     return now + timedelta(seconds=delay)
 
 

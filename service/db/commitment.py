@@ -50,6 +50,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from service.backoff import backoff_delay_s
 from service.db.models import UID, Base, utcnow
 from service.db.session import Database
 
@@ -390,11 +391,6 @@ FOLLOW_UP_STATES = (
 )
 
 
-def follow_up_delay_s(attempt: int, *, initial_s: float, max_interval_s: float) -> float:
-    """Wait after attempt ``attempt`` (1-based) ended before re-requesting: doubling, capped."""
-    return float(min(initial_s * 2 ** max(attempt - 1, 0), max_interval_s))
-
-
 class DestinationState(enum.StrEnum):
     """Storage commitment of one job's results at one destination, for operators."""
 
@@ -616,7 +612,7 @@ class CommitmentStore:
     ) -> list[CommitmentSummary]:
         """Transactions that ended without committing everything and need a follow-up now.
 
-        Those still with attempts left are due ``follow_up_delay_s(attempt)``
+        Those still with attempts left are due ``backoff_delay_s(attempt)`` (service.backoff)
         after their report (or their request, when no report came); those whose
         attempts are used up are due at once, to be closed ``gave_up``.  Oldest
         first.
@@ -635,7 +631,7 @@ class CommitmentStore:
             for txn in candidates:
                 if txn.attempt < max_attempts:
                     ended = txn.reported_at or txn.requested_at
-                    wait = follow_up_delay_s(
+                    wait = backoff_delay_s(
                         txn.attempt, initial_s=retry_initial_s, max_interval_s=retry_max_interval_s
                     )
                     if now < ended + timedelta(seconds=wait):
