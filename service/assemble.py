@@ -9,7 +9,9 @@ needed to compute one) covers every one of them, and no image came for
 missing first/last slice still in flight; multi-frame objects fall back to
 the idle timeout.  The database decides, not the broker: at
 start-up every queued job is dispatched again (its message may have been
-lost) and stale running jobs are re-queued, so a restart loses nothing.
+lost) and stale running jobs are re-queued, so a restart loses nothing; while
+running, :meth:`StudyAssembler.recover_stuck` queues again a job whose worker's
+lease expired and hands over again a queued job no worker took.
 Dispatching twice is harmless: workers claim jobs with a compare-and-set.
 
 The same loop flags Storage Commitment requests that got no report
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,6 +127,8 @@ class StudyAssembler:
         follow_up: Callable[[], Any] | None = None,
         follow_up_poll_s: float = 1.0,
         incomplete_extra_wait_s: float = 0.0,
+        lost_dispatch_after_s: float | None = None,
+        recovery_every_s: float = 5.0,
     ) -> None:
         self.store = store
         self.dispatch = dispatch
@@ -136,6 +141,9 @@ class StudyAssembler:
         self.follow_up = follow_up
         self.follow_up_poll_s = follow_up_poll_s
         self.incomplete_extra_wait_s = incomplete_extra_wait_s
+        self.lost_dispatch_after_s = lost_dispatch_after_s
+        self.recovery_every_s = recovery_every_s
+        self._next_recovery = 0.0
         self._waiting: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,8 +162,40 @@ class StudyAssembler:
         try:
             self.dispatch(job_id)
         except Exception:
-            # The job stays 'queued' in the DB and is re-dispatched at the next start.
+            # The job stays 'queued' in the DB; recover_stuck() hands it over again.
             log.exception("could not hand job %d to the broker", job_id, extra={"job_id": job_id})
+            return
+        try:
+            self.store.mark_dispatched(job_id)
+        except Exception:
+            log.exception("could not record the hand-off of job %d", job_id, extra={"job_id": job_id})
+
+    def recover_stuck(self) -> list[int]:
+        """Queue again what a dead worker or a lost broker message left behind, while running.
+
+        A running job whose worker stopped renewing its lease goes back to ``queued``
+        and to the broker; a queued job that no worker took ``lost_dispatch_after_s``
+        after its hand-off is handed over again. Workers claim with a compare-and-set,
+        so a second copy of a message does no harm, and a re-run re-sends the results
+        already written (same SOP Instance UIDs): delivery stays exactly once.
+        """
+        job_ids: list[int] = []
+        for job_id in self.store.requeue_expired_leases():
+            log.warning("job %d: its worker's lease expired (worker lost); queued again", job_id,
+                        extra={"job_id": job_id})
+            metrics.JOBS_QUEUED.labels(trigger="lease_expired").inc()
+            self._dispatch(job_id)
+            job_ids.append(job_id)
+        if self.lost_dispatch_after_s is not None:
+            for job_id in self.store.queued_not_taken(self.lost_dispatch_after_s):
+                if job_id in job_ids:
+                    continue
+                log.warning("job %d: queued and not taken after %.0f s; handing it to the broker again",
+                            job_id, self.lost_dispatch_after_s, extra={"job_id": job_id})
+                metrics.JOBS_QUEUED.labels(trigger="redispatch").inc()
+                self._dispatch(job_id)
+                job_ids.append(job_id)
+        return job_ids
 
     def tick(self) -> list[int]:
         """Queue every study that has been idle long enough; returns the job ids."""
@@ -174,6 +214,10 @@ class StudyAssembler:
             metrics.JOBS_QUEUED.labels(trigger="retry").inc()
             self._dispatch(job_id)
             job_ids.append(job_id)
+        now = time.monotonic()
+        if now >= self._next_recovery:
+            self._next_recovery = now + self.recovery_every_s
+            job_ids += self.recover_stuck()
         if self.commitments is not None:
             for uid in self.commitments.flag_timed_out(self.commitment_timeout_s):
                 log.warning("storage commitment %s: no report after %.0f s", uid, self.commitment_timeout_s)

@@ -104,6 +104,7 @@ class _ScpProcess:
             dispatcher(settings),
             completion_timeout_s=settings.study.completion_timeout_s,
             incomplete_extra_wait_s=settings.study.incomplete_extra_wait_s,
+            lost_dispatch_after_s=settings.worker.lost_dispatch_after_s,
             stale_job_after_s=(
                 settings.study.stale_job_after_s if stale_job_after_s is None else stale_job_after_s
             ),

@@ -223,6 +223,16 @@ class WorkerSettings(_Section):
     queue: str = "gpu"
     concurrency: int = Field(1, ge=1)
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = library default.")
+    lease_s: float = Field(
+        60.0, ge=3.0,
+        description="A worker's claim on a job lasts this long and is renewed every third of it; "
+        "when it runs out (the worker died) the SCP's scheduler queues the job again.",
+    )
+    lost_dispatch_after_s: float = Field(
+        90.0, gt=0,
+        description="A queued job that no worker took this long after it was handed to the broker "
+        "is handed over again (the message may be lost); workers' claims make a second copy harmless.",
+    )
 
 
 class WindowSettings(_Section):

@@ -8,9 +8,13 @@ same code.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -178,6 +182,10 @@ class WorkerContext:
     store: JobStore
     spool: Spool
     commitments: CommitmentStore
+    #: Who holds a job's lease while this process runs it (host, pid, and a random part).
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
@@ -269,10 +277,51 @@ def _existing_results(result_dir: Path) -> list[ResultObject]:
 
 
 def _finish(ctx: WorkerContext, job_id: int, state: JobState, reason: str = "",
-            fields: dict[str, object] | None = None) -> JobState:
-    ctx.store.transition(job_id, state, reason, fields=fields)
+            fields: dict[str, object] | None = None) -> JobState | None:
+    """Record the job's end, only while this worker still holds its lease."""
+    if not ctx.store.transition(job_id, state, reason, fields=fields, expect=(JobState.RUNNING,),
+                                lease_owner=ctx.worker_id):
+        log.warning("job %d: this worker no longer holds its lease (another worker took it over); "
+                    "its outcome %s is not recorded", job_id, state.value, extra={"job_id": job_id})
+        return None
     metrics.JOBS_FINISHED.labels(state=state.value).inc()
     return state
+
+
+class LeaseKeeper:
+    """Renews a worker's lease on its job every third of the lease, until the job ends.
+
+    Without it a job whose worker died would stay ``running`` until someone restarted
+    the SCP; with it the SCP's scheduler sees the lease run out and queues the job again.
+    A database hiccup costs one renewal, not the lease: two more tries remain before it
+    expires.
+    """
+
+    def __init__(self, store: JobStore, job_id: int, owner: str, lease_s: float) -> None:
+        self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-job-{job_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        extra = {"job_id": self.job_id}
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not self.store.renew_lease(self.job_id, self.owner, self.lease_s):
+                    self.lost = True
+                    log.error("job %d: lease lost (the job was queued again)", self.job_id, extra=extra)
+                    return
+            except Exception as exc:
+                log.warning("job %d: could not renew the lease (%s); trying again",
+                            self.job_id, type(exc).__name__, extra=extra)
 
 
 def _next_attempt(ctx: WorkerContext, summary: JobSummary) -> datetime | None:
@@ -309,9 +358,17 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     written, flagged in the SR and overlay as outside the validated range.
     """
     extra = {"job_id": job_id}
-    if not ctx.store.claim(job_id):
-        log.info("job %d is not queued (already taken or finished); skipping", job_id, extra=extra)
+    lease_s = ctx.settings.worker.lease_s
+    if not ctx.store.claim(job_id, ctx.worker_id, lease_s):
+        log.info("job %d is not queued (taken by a live worker, or finished); skipping", job_id, extra=extra)
         return None
+    with LeaseKeeper(ctx.store, job_id, ctx.worker_id, lease_s):
+        return _run_claimed(ctx, job_id)
+
+
+def _run_claimed(ctx: WorkerContext, job_id: int) -> JobState | None:
+    """The body of :func:`run_job` once this worker holds the job's lease."""
+    extra = {"job_id": job_id}
     started = time.perf_counter()
     summary = ctx.store.job(job_id)
     assert summary is not None  # claimed above
@@ -387,6 +444,8 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
         log.warning("job %d %s", job_id, reason, extra=extra)
         return _finish(ctx, job_id, JobState.FAILED, reason, fields)
     state = _finish(ctx, job_id, JobState.DELIVERED, "", fields)
+    if state is None:
+        return None
     for older in ctx.store.supersede(job_id):
         log.info("job %d: result superseded by job %d", older, job_id, extra=extra)
     return state

@@ -92,6 +92,13 @@ class Job(Base):
     validity_reasons: Mapped[str] = mapped_column(Text, default="", server_default="")
     # When an operator released a held (out-of-range) result for delivery.
     released_at: Mapped[datetime | None] = mapped_column(DateTime())
+    # The worker that runs the job holds a lease on it and renews it while working; a
+    # lease that expires (the worker died) lets the scheduler queue the job again.
+    lease_owner: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime())
+    # When the job was last handed to the broker (a queued job not taken for long is
+    # handed over again: the message may be lost).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime())
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from service.db.models import Delivery, Instance, Job, JobEvent, Study, utcnow
@@ -21,6 +21,9 @@ from service.db.session import Database
 from service.domain import JobState
 
 log = logging.getLogger(__name__)
+
+#: Seconds a worker's claim on a job lasts unless renewed (worker.lease_s in the config).
+DEFAULT_LEASE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,9 @@ class JobSummary:
     validity_reasons: tuple[str, ...] = ()
     #: When an operator released this job's held result (None: never held or not yet).
     released_at: datetime | None = None
+    #: The worker holding the running job's lease, and when that lease runs out.
+    lease_owner: str = ""
+    lease_expires_at: datetime | None = None
 
 
 def _summary(job: Job, instances: int = 0) -> JobSummary:
@@ -92,6 +98,8 @@ def _summary(job: Job, instances: int = 0) -> JobSummary:
         validity=job.validity or "",
         validity_reasons=tuple(r for r in (job.validity_reasons or "").split("\n") if r),
         released_at=job.released_at,
+        lease_owner=job.lease_owner or "",
+        lease_expires_at=job.lease_expires_at,
     )
 
 
@@ -308,8 +316,15 @@ class JobStore:
         *,
         expect: Sequence[JobState] | None = None,
         fields: Mapping[str, object] | None = None,
+        lease_owner: str | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
     ) -> bool:
-        """Set a job's state (compare-and-set on ``expect``); False if it was not in ``expect``."""
+        """Set a job's state (compare-and-set on ``expect``); False if it was not in ``expect``.
+
+        With ``lease_owner`` the change happens only while that worker holds the job's
+        lease: a worker that lost its lease (it stalled, and the job was queued again)
+        cannot overwrite what the next one does. Leaving ``running`` ends the lease.
+        """
         state = JobState(state)
         now = utcnow()
         values: dict[str, object] = {"state": state.value, "reason": reason, "updated_at": now}
@@ -319,9 +334,13 @@ class JobStore:
             values["started_at"] = now
         elif state.is_final:
             values["finished_at"] = now
+        if state is not JobState.RUNNING:
+            values.update(lease_owner="", lease_expires_at=None)
         values.update(fields or {})
         with self.db.session() as s:
-            stmt = update(Job).where(Job.id == job_id)
+            stmt = update(Job).where(Job.id == job_id, *where)
+            if lease_owner is not None:
+                stmt = stmt.where(Job.lease_owner == lease_owner)
             if expect is not None:
                 stmt = stmt.where(Job.state.in_([JobState(e).value for e in expect]))
             if state is JobState.RUNNING:
@@ -332,9 +351,63 @@ class JobStore:
             s.add(JobEvent(job_id=job_id, state=state.value, reason=reason, at=now))
         return True
 
-    def claim(self, job_id: int) -> bool:
-        """queued -> running, once; False when another worker has it or it is done."""
-        return self.transition(job_id, JobState.RUNNING, expect=(JobState.QUEUED,))
+    def claim(self, job_id: int, owner: str = "", lease_s: float = DEFAULT_LEASE_S) -> bool:
+        """queued -> running with a lease for ``owner``; False when another worker has it or it is done.
+
+        A running job whose lease has expired (its worker died without finishing it) can be
+        claimed again: that is how a re-delivered task after a killed worker gets its job.
+        """
+        now = utcnow()
+        lease = {"lease_owner": owner, "lease_expires_at": now + timedelta(seconds=lease_s)}
+        if self.transition(job_id, JobState.RUNNING, expect=(JobState.QUEUED,), fields=lease):
+            return True
+        return self.transition(
+            job_id, JobState.RUNNING, "claimed again: the previous worker's lease expired",
+            expect=(JobState.RUNNING,), fields=lease, where=(Job.lease_expires_at < now,),
+        )
+
+    def renew_lease(self, job_id: int, owner: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
+        """Extend ``owner``'s lease on its running job; False when the lease is no longer its own."""
+        with self.db.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_owner == owner)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def requeue_expired_leases(self) -> list[int]:
+        """running -> queued for every job whose lease ran out (its worker stopped renewing it)."""
+        now = utcnow()
+        with self.db.session() as s:
+            expired = list(s.execute(
+                select(Job.id, Job.lease_owner).where(
+                    Job.state == JobState.RUNNING.value, Job.lease_expires_at < now
+                )
+            ))
+        requeued = []
+        for job_id, owner in expired:
+            reason = f"re-queued: the lease of worker {owner or '?'} expired (worker lost)"
+            if self.transition(job_id, JobState.QUEUED, reason, expect=(JobState.RUNNING,),
+                               where=(Job.lease_expires_at < now,)):
+                requeued.append(job_id)
+        return requeued
+
+    def queued_not_taken(self, after_s: float) -> list[int]:
+        """Queued jobs handed to the broker (or queued) more than ``after_s`` ago: the message may be lost."""
+        cutoff = utcnow() - timedelta(seconds=after_s)
+        with self.db.session() as s:
+            return list(s.scalars(
+                select(Job.id).where(
+                    Job.state == JobState.QUEUED.value,
+                    or_(Job.dispatched_at < cutoff, Job.dispatched_at.is_(None) & (Job.queued_at < cutoff)),
+                ).order_by(Job.id)
+            ))
+
+    def mark_dispatched(self, job_id: int) -> None:
+        """Record that the job was just handed to the broker."""
+        with self.db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
 
     def retry(self, job_id: int, reason: str = "retry requested") -> bool:
         """Put a failed job back in the queue (operator action or due automatic retry)."""
