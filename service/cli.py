@@ -391,7 +391,7 @@ def jobs(
             reason = f"{reason}; superseded by job {job.superseded_by}".lstrip("; ")
         delivery = _delivery_column(deliveries.get(job.id, []), commitment_states.get(job.id, []))
         typer.echo(
-            f"{job.id}\t{job.state.value}\t{volume}\t{job.created_at.isoformat(timespec='seconds')}"
+            f"{job.id}\t{job.display_state}\t{volume}\t{job.created_at.isoformat(timespec='seconds')}"
             f"\t{finished}\t{job.study_instance_uid}\t{reason}\t{delivery}\t{_validity_column(job)}"
         )
 

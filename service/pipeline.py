@@ -208,7 +208,12 @@ def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> li
     """Send to every destination; returns the list of problems (empty = all stored)."""
     problems: list[str] = []
     for destination in ctx.settings.destinations:
-        wanted = [obj for obj in objects if obj.kind in destination.send]
+        already = ctx.store.stored_at(job_id, destination.name)
+        wanted = [obj for obj in objects if obj.kind in destination.send and obj.sop_instance_uid not in already]
+        if not wanted:
+            log.info("job %d: destination %s already stored every result; not sent again",
+                     job_id, destination.name, extra={"job_id": job_id})
+            continue
         try:
             outcomes: list[StoreOutcome] = store_objects(
                 destination, wanted, calling_ae_title=ctx.settings.scp.ae_title
@@ -284,7 +289,8 @@ def _finish(ctx: WorkerContext, job_id: int, state: JobState, reason: str = "",
         log.warning("job %d: this worker no longer holds its lease (another worker took it over); "
                     "its outcome %s is not recorded", job_id, state.value, extra={"job_id": job_id})
         return None
-    metrics.JOBS_FINISHED.labels(state=state.value).inc()
+    retrying = state is JobState.FAILED and (fields or {}).get("next_attempt_at") is not None
+    metrics.JOBS_FINISHED.labels(state="retrying" if retrying else state.value).inc()
     return state
 
 

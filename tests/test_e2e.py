@@ -414,7 +414,7 @@ def test_pacs_down_then_up_is_retried_automatically_and_committed(
         wait_for(lambda: echo_ok(port), 60, "serve to start")
         storescu(port, case / "dicom")
         failed = wait_for(
-            lambda: [line for line in _job_lines(config) if line[1] == "failed"], 120, "first delivery to fail"
+            lambda: [line for line in _job_lines(config) if line[1] == "retrying"], 120, "first delivery to fail (retry scheduled)"
         )[0]
         assert "automatic retry at" in failed[6]
         with pacs:

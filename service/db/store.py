@@ -78,6 +78,13 @@ class JobSummary:
     lease_owner: str = ""
     lease_expires_at: datetime | None = None
 
+    @property
+    def display_state(self) -> str:
+        """What operators see: a failed job with an automatic retry scheduled is ``retrying``."""
+        if self.state is JobState.FAILED and self.next_attempt_at is not None:
+            return "retrying"
+        return self.state.value
+
 
 def _summary(job: Job, instances: int = 0) -> JobSummary:
     return JobSummary(
@@ -539,6 +546,23 @@ class JobStore:
                 return False
             s.add(JobEvent(job_id=job_id, state=job.state, reason=reason, at=utcnow()))
         return True
+
+    def stored_at(self, job_id: int, destination: str) -> set[str]:
+        """SOP Instance UIDs of ``job_id``'s results whose latest C-STORE to ``destination`` succeeded.
+
+        A retry sends only the rest: a destination that already stored an object does not
+        get it again.
+        """
+        with self.db.session() as s:
+            rows = list(s.execute(
+                select(Delivery.sop_instance_uid, Delivery.status)
+                .where(Delivery.job_id == job_id, Delivery.destination == destination)
+                .order_by(Delivery.id)
+            ))
+        latest: dict[str, str] = {}
+        for uid, status in rows:
+            latest[uid] = status
+        return {uid for uid, status in latest.items() if status == "stored"}
 
     def delivery_states(self, job_ids: Sequence[int]) -> dict[int, list[DestinationDelivery]]:
         """Per job and destination: how many result objects are stored, from each object's latest C-STORE."""
