@@ -12,7 +12,8 @@ contain patient names or IDs.
     StrokesegError
     ├── ConfigError
     ├── RetriableError
-    │   └── DeliveryError
+    │   ├── DeliveryError
+    │   └── ResourceUnavailable
     └── PermanentError
         ├── ModelError
         └── StudyRefused
@@ -25,6 +26,9 @@ contain patient names or IDs.
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 
 class StrokesegError(Exception):
@@ -41,6 +45,48 @@ class RetriableError(StrokesegError):
 
 class DeliveryError(RetriableError):
     """A result object could not be delivered to a destination."""
+
+
+class ResourceUnavailable(RetriableError):
+    """Something the service needs is briefly unavailable: disk full, database locked or down,
+    broker down. The job is tried again later, with backoff, instead of failing for good."""
+
+
+#: OS errors that say "not now" rather than "never" (disk or quota full, out of file handles
+#: or memory, a peer that is down).
+TRANSIENT_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+    errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
+})
+#: Other libraries' "not now" errors, by qualified name (this leaf imports none of them).
+TRANSIENT_TYPES = frozenset({
+    "sqlalchemy.exc.OperationalError",  # database locked, connection lost, server down
+    "sqlalchemy.exc.TimeoutError",  # connection pool exhausted
+    "sqlalchemy.exc.DisconnectionError",
+    "kombu.exceptions.OperationalError",  # broker down
+    "redis.exceptions.ConnectionError",
+    "redis.exceptions.TimeoutError",
+})
+
+
+def as_strokeseg_error(exc: BaseException) -> StrokesegError | None:
+    """``exc`` placed in this tree: itself, a :class:`ResourceUnavailable` for a known transient
+    failure (also when it is the cause of ``exc``), or None for anything else (a bug: final)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StrokesegError):
+            return current
+        if isinstance(current, OSError) and current.errno in TRANSIENT_ERRNOS:
+            return ResourceUnavailable(f"{os.strerror(current.errno)} (errno {errno.errorcode[current.errno]})")
+        if isinstance(current, MemoryError):
+            return ResourceUnavailable("out of memory")
+        names = {f"{cls.__module__}.{cls.__qualname__}" for cls in type(current).__mro__}
+        if names & TRANSIENT_TYPES:
+            return ResourceUnavailable(f"{type(current).__name__}: {' '.join(str(current).split())[:200]}")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class PermanentError(StrokesegError):

@@ -44,12 +44,18 @@ from service.domain import (
     LesionSegmentation,
     ResultObject,
 )
-from service.errors import DeliveryError, GeometryError, StudyRefused
+from service.errors import (
+    DeliveryError,
+    GeometryError,
+    RetriableError,
+    StudyRefused,
+    as_strokeseg_error,
+)
 from service.inference import LoadedModel, ModelRouter, segment_lesion
 from service.intake import load_study
 from service.preprocess import HARMONISING_PROFILES, ProfileOptions, brain_mask
 from service.scp.commitment import report_handlers
-from service.storage import Spool
+from service.storage import Spool, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +278,36 @@ def _request_commitment(
     ).inc()
 
 
+#: Written (atomically) into a job's result folder once every result object is on disk.
+RESULTS_COMPLETE = "results.complete"
+
+
+def _mark_results_complete(result_dir: Path, objects: Sequence[ResultObject]) -> None:
+    atomic_write(result_dir / RESULTS_COMPLETE,
+                 "".join(f"{obj.kind} {obj.path.name}\n" for obj in objects).encode())
+
+
 def _existing_results(result_dir: Path) -> list[ResultObject]:
-    """Result objects a previous attempt of this job already wrote (SEG, SR, overlays)."""
-    objects = []
-    for kind in ("SEG", "SR", "OVERLAY"):
-        for path in sorted(result_dir.glob(f"{kind}_*.dcm")):
-            objects.append(ResultObject.of(kind, path, dcmread(path, stop_before_pixels=True)))
-    return objects
+    """Result objects a previous attempt of this job wrote completely (SEG, SR, overlays).
+
+    Only a set that was finished counts (its ``results.complete`` list): an attempt that
+    died between writing the SEG and the SR must not have its SEG sent alone. Its files
+    are removed and the results written again. A folder from before the list existed
+    counts when it holds both a SEG and an SR.
+    """
+    marker = result_dir / RESULTS_COMPLETE
+    if marker.is_file():
+        listed = [line.split(" ", 1) for line in marker.read_text().splitlines() if line.strip()]
+        return [ResultObject.of(kind, result_dir / name, dcmread(result_dir / name, stop_before_pixels=True))
+                for kind, name in listed]
+    found = {kind: sorted(result_dir.glob(f"{kind}_*.dcm")) for kind in ("SEG", "SR", "OVERLAY")}
+    if found["SEG"] and found["SR"]:
+        return [ResultObject.of(kind, path, dcmread(path, stop_before_pixels=True))
+                for kind, paths in found.items() for path in paths]
+    for path in (*found["SEG"], *found["SR"], *found["OVERLAY"]):
+        log.warning("discarding %s: its attempt did not finish writing the results", path.name)
+        path.unlink(missing_ok=True)
+    return []
 
 
 def _finish(ctx: WorkerContext, job_id: int, state: JobState, reason: str = "",
@@ -342,6 +371,15 @@ def _next_attempt(ctx: WorkerContext, summary: JobSummary) -> datetime | None:
     return now + timedelta(seconds=delay)
 
 
+def _retry_later(ctx: WorkerContext, summary: JobSummary, reason: str) -> tuple[str, dict[str, object]]:
+    """The reason and job fields of a failure that an automatic retry (with backoff) may cure."""
+    next_attempt = _next_attempt(ctx, summary)
+    if next_attempt is None:
+        return reason + "; no more automatic retries (delivery.retry_max_age_s); use `strokeseg retry`", {}
+    return (reason + f"; automatic retry at {next_attempt.isoformat(timespec='seconds')} UTC",
+            {"next_attempt_at": next_attempt})
+
+
 def hold_reason(job_id: int, validity: DomainOfValidity) -> str:
     """Why a job is held, and what the operator can do about it (``strokeseg jobs`` shows it)."""
     return (
@@ -403,6 +441,7 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> JobState | None:
                 assess_settings=ctx.settings.assess,
             )
             objects = result.objects
+            _mark_results_complete(result_dir, objects)
             fields.update(
                 lesion_volume_ml=result.segmentation.lesion_volume_ml,
                 model_name=result.segmentation.model_name,
@@ -425,6 +464,11 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> JobState | None:
         metrics.REFUSALS.labels(kind=type(exc).__name__).inc()
         return _finish(ctx, job_id, JobState.REFUSED, exc.reason)
     except Exception as exc:
+        known = as_strokeseg_error(exc)
+        if isinstance(known, RetriableError):
+            log.warning("job %d: temporary failure during processing: %s", job_id, known, extra=extra)
+            reason, retry_fields = _retry_later(ctx, summary, f"temporary failure: {known}")
+            return _finish(ctx, job_id, JobState.FAILED, reason, {**fields, **retry_fields})
         log.exception("job %d failed during processing", job_id, extra=extra)
         return _finish(ctx, job_id, JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
     finally:
@@ -440,15 +484,9 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> JobState | None:
         return _finish(ctx, job_id, JobState.DELIVERED, reason, fields)
     problems = _deliver(ctx, job_id, objects)
     if problems:
-        reason = "delivery failed: " + "; ".join(problems)
-        next_attempt = _next_attempt(ctx, summary)
-        if next_attempt is not None:
-            fields["next_attempt_at"] = next_attempt
-            reason += f"; automatic retry at {next_attempt.isoformat(timespec='seconds')} UTC"
-        else:
-            reason += "; no more automatic retries (delivery.retry_max_age_s); use `strokeseg retry`"
+        reason, retry_fields = _retry_later(ctx, summary, "delivery failed: " + "; ".join(problems))
         log.warning("job %d %s", job_id, reason, extra=extra)
-        return _finish(ctx, job_id, JobState.FAILED, reason, fields)
+        return _finish(ctx, job_id, JobState.FAILED, reason, {**fields, **retry_fields})
     state = _finish(ctx, job_id, JobState.DELIVERED, "", fields)
     if state is None:
         return None

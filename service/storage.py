@@ -35,9 +35,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def make_dirs_durably(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each made durable by an fsync of its parent.
+
+    A new study or series folder is an entry in its parent directory; until that
+    directory is fsync'd, a power loss can forget the folder and every file in it,
+    even files that were themselves fsync'd.
+    """
+    missing: list[Path] = []
+    current = folder
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # another thread made it: its fsync covers it, ours does no harm
+            pass
+        _fsync_dir(new.parent)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path.parent)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -78,5 +98,5 @@ class Spool:
 
     def result_dir(self, job_id: int) -> Path:
         folder = self.results / str(int(job_id))
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(folder)
         return folder
