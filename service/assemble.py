@@ -129,6 +129,7 @@ class StudyAssembler:
         incomplete_extra_wait_s: float = 0.0,
         lost_dispatch_after_s: float | None = None,
         recovery_every_s: float = 5.0,
+        retention: tuple[Callable[[], Any], float] | None = None,
     ) -> None:
         self.store = store
         self.dispatch = dispatch
@@ -144,6 +145,8 @@ class StudyAssembler:
         self.lost_dispatch_after_s = lost_dispatch_after_s
         self.recovery_every_s = recovery_every_s
         self._next_recovery = 0.0
+        self.retention = retention
+        self._next_retention = 0.0
         self._waiting: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -218,6 +221,13 @@ class StudyAssembler:
         if now >= self._next_recovery:
             self._next_recovery = now + self.recovery_every_s
             job_ids += self.recover_stuck()
+        if self.retention is not None and now >= self._next_retention:
+            sweep, every_s = self.retention
+            self._next_retention = now + every_s
+            try:
+                sweep()
+            except Exception:
+                log.exception("retention sweep failed; trying again in %.0f s", every_s)
         if self.commitments is not None:
             for uid in self.commitments.flag_timed_out(self.commitment_timeout_s):
                 log.warning("storage commitment %s: no report after %.0f s", uid, self.commitment_timeout_s)

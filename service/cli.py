@@ -79,6 +79,7 @@ class _ScpProcess:
         from service.deliver.followup import CommitmentFollowUp
         from service.intake import signature_of
         from service.metrics import serve_metrics
+        from service.retention import sweep
         from service.scp import StorageSCP
         from service.scp.commitment import report_handlers
         from service.storage import Spool
@@ -86,18 +87,20 @@ class _ScpProcess:
 
         self.db = Database(settings.database_url)
         store = JobStore(self.db)
+        spool = Spool(settings.spool_dir)
         commitments = CommitmentStore(self.db)
         self.scp = StorageSCP(
             ae_title=settings.scp.ae_title,
             host=settings.scp.host,
             port=settings.scp.port,
-            spool=Spool(settings.spool_dir),
+            spool=spool,
             store=store,
             allowed_calling_aets=settings.scp.allowed_calling_aets,
             max_associations=settings.scp.max_associations,
             max_pdu_size=settings.scp.max_pdu_size,
             commitments=commitments,
             describe=signature_of,
+            min_free_bytes=int(settings.scp.min_free_mb * 2**20),
         )
         self.assembler = StudyAssembler(
             store,
@@ -123,6 +126,10 @@ class _ScpProcess:
                 retry_max_interval_s=settings.delivery.retry_max_interval_s,
                 evt_handlers=report_handlers(commitments),
             ).tick,
+            retention=(
+                (lambda: sweep(store, commitments, spool, settings.retention), settings.retention.sweep_every_s)
+                if settings.retention.sweep_every_s > 0 else None
+            ),
         )
         serve_metrics(settings.metrics.scp_port)
 
@@ -422,6 +429,30 @@ def commitments(
             f"\t{txn.state.value}\t{len(txn.instances)}\t{committed}\t{latency}\t{txn.detail}"
             f"\t{txn.attempt}\t{follow_up}"
         )
+
+
+@app.command()
+def gc(
+    config: ConfigOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")] = False,
+) -> None:
+    """Remove finished studies' files from the spool after their retention (retention.delivered_days,
+    retention.failed_days). Never touches a study with a job received, queued, running, held,
+    retrying, or with a Storage Commitment still pending. The database keeps every job's history."""
+    settings = _settings(config)
+    from service.db import Database, JobStore
+    from service.db.commitment import CommitmentStore
+    from service.retention import sweep
+    from service.storage import Spool
+
+    db = Database(settings.database_url)
+    removed = sweep(JobStore(db), CommitmentStore(db), Spool(settings.spool_dir), settings.retention,
+                    dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for item in removed:
+        typer.echo(f"{verb}\t{item.study_instance_uid}\t{item.outcome}\t"
+                   f"{item.finished_at.isoformat(timespec='seconds')}\t{item.bytes_freed}")
+    typer.echo(f"{verb} {len(removed)} studies, {sum(i.bytes_freed for i in removed) / 2**20:.1f} MiB")
 
 
 @app.command()

@@ -42,6 +42,11 @@ class ScpSettings(_Section):
     )
     max_associations: int = Field(10, ge=1)
     max_pdu_size: int = Field(0, ge=0, description="0 = unlimited (fastest receive).")
+    min_free_mb: float = Field(
+        1024.0, ge=0,
+        description="Free space the spool's file system keeps: a C-STORE that would leave less is "
+        "answered 0xA700 (out of resources: the sender keeps the image and retries later); 0 = off.",
+    )
 
     @field_validator("ae_title")
     @classmethod
@@ -186,6 +191,22 @@ class StudySettings(_Section):
     )
 
 
+class RetentionSettings(_Section):
+    """How long a finished study's files stay in the spool (the database keeps its history)."""
+
+    delivered_days: float = Field(
+        7.0, gt=0, description="Remove a study's images and results this long after its last job "
+        "was delivered (and every Storage Commitment is settled).",
+    )
+    failed_days: float = Field(
+        30.0, gt=0, description="Remove a study whose last job was refused or failed for good this "
+        "long after it ended: longer, so an operator can look at what came in.",
+    )
+    sweep_every_s: float = Field(
+        3600.0, ge=0, description="The SCP process sweeps this often (0 = only `strokeseg gc`)."
+    )
+
+
 ResultKind = Literal["SEG", "SR", "OVERLAY"]
 
 
@@ -275,6 +296,7 @@ class Settings(BaseSettings):
     study: StudySettings = StudySettings()
     destinations: list[Destination] = Field(default_factory=list)
     delivery: DeliverySettings = DeliverySettings()
+    retention: RetentionSettings = RetentionSettings()
     derive: DeriveSettings = DeriveSettings()
     assess: AssessSettings = AssessSettings()
     spool_dir: Path = Path("var/strokeseg")

@@ -7,6 +7,7 @@ import os
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     multiprocess,
     start_http_server,
@@ -20,6 +21,10 @@ INSTANCES_RECEIVED = Counter(
 INSTANCE_BYTES = Counter("strokeseg_instances_received_bytes_total", "Bytes of stored instances")
 STORE_FAILURES = Counter(
     "strokeseg_store_failures_total", "C-STORE requests answered with a failure", ["status"]
+)
+SPOOL_FREE_BYTES = Gauge(
+    "strokeseg_spool_free_bytes", "Free bytes on the spool's file system, as the SCP last saw it",
+    multiprocess_mode="min",
 )
 ASSOCIATIONS_REJECTED = Counter(
     "strokeseg_associations_rejected_total", "Associations rejected", ["reason"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -81,6 +82,13 @@ class Spool:
         self.root = root
         self.incoming = root / "incoming"
         self.results = root / "results"
+
+    def free_bytes(self) -> int:
+        """Free bytes for us on the spool's file system (the nearest existing folder's)."""
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return int(shutil.disk_usage(folder).free)
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return (

@@ -176,6 +176,31 @@ def test_persistence_failure_is_never_success(running: _Running, tmp_path: Path,
     assert status.Status == 0xA700
 
 
+def test_store_below_the_free_space_floor_is_out_of_resources(tmp_path: Path) -> None:
+    """0xA700 before the disk is full: the sender keeps the image; nothing is half-written."""
+    from service import metrics
+
+    running = _start(tmp_path, min_free_bytes=10**18)  # an exabyte floor: always short of space
+    try:
+        files = write_series(make_dwi_series(2, 16, 16), tmp_path / "in")
+        sent = subprocess.run(
+            [dcmtk_tool("storescu"), "-d", "-aet", "MRI1", "-aec", "STROKESEG", "-nh", "127.0.0.1",
+             str(running.port), *map(str, files)], capture_output=True, text=True, timeout=60,
+        )
+        statuses = re.findall(r"DIMSE Status\s*:\s*(0x[0-9A-Fa-f]{4})", sent.stdout + sent.stderr)
+        assert [int(s, 16) for s in statuses] == [0xA700, 0xA700], sent.stdout + sent.stderr
+        assert not running.spool.incoming.exists() or list(running.spool.incoming.rglob("*.dcm")) == []
+        assert metrics.SPOOL_FREE_BYTES._value.get() > 0  # reported for ops
+    finally:
+        running.scp.stop()
+    running = _start(tmp_path / "roomy", min_free_bytes=1)
+    try:
+        assert _storescu(running.port, files).returncode == 0
+        assert len(list(running.spool.incoming.rglob("*.dcm"))) == 2
+    finally:
+        running.scp.stop()
+
+
 def test_calling_ae_not_allowed_is_rejected(tmp_path: Path) -> None:
     r = _start(tmp_path, allowed_calling_aets=["MRI1"])
     try:

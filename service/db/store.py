@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from service.db.models import Delivery, Instance, Job, JobEvent, Study, utcnow
@@ -546,6 +546,36 @@ class JobStore:
                 return False
             s.add(JobEvent(job_id=job_id, state=job.state, reason=reason, at=utcnow()))
         return True
+
+    def finished_studies(self) -> list[tuple[str, list[JobSummary]]]:
+        """Studies with at least one job, every job of which is finished for good, with their jobs.
+
+        Finished for good: delivered, refused, or failed with no automatic retry scheduled.
+        A study with a job received, queued, running, held (an operator decision is
+        pending) or due for a retry is not listed: retention never touches it.
+        """
+        with self.db.session() as s:
+            jobs = list(s.scalars(select(Job).order_by(Job.study_instance_uid, Job.id)))
+            by_study: dict[str, list[JobSummary]] = {}
+            for job in jobs:
+                by_study.setdefault(job.study_instance_uid, []).append(_summary(job))
+        done = (JobState.DELIVERED, JobState.REFUSED, JobState.FAILED)
+        return [
+            (uid, summaries) for uid, summaries in by_study.items()
+            if all(j.state in done and j.next_attempt_at is None and j.finished_at is not None
+                   for j in summaries)
+        ]
+
+    def forget_instances(self, study_instance_uid: str, reason: str) -> int:
+        """Drop a study's instance rows (their files are gone) and note it on each of its jobs."""
+        now = utcnow()
+        with self.db.session() as s:
+            removed = s.execute(
+                delete(Instance).where(Instance.study_instance_uid == study_instance_uid)
+            ).rowcount  # type: ignore[attr-defined]
+            for job in s.scalars(select(Job).where(Job.study_instance_uid == study_instance_uid)):
+                s.add(JobEvent(job_id=job.id, state=job.state, reason=reason, at=now))
+        return int(removed or 0)
 
     def stored_at(self, job_id: int, destination: str) -> set[str]:
         """SOP Instance UIDs of ``job_id``'s results whose latest C-STORE to ``destination`` succeeded.

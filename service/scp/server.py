@@ -71,6 +71,7 @@ class StoreHandler:
     spool: Spool
     store: JobStore
     describe: Describe | None = None  # header-only signature for content-aware completion
+    min_free_bytes: int = 0  # refuse (0xA700) a store that would leave less free space than this
 
     def __call__(self, event: Any) -> int:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
@@ -107,6 +108,11 @@ class StoreHandler:
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
             data = event.encoded_dataset()
+            short = self._short_of_space(len(data))
+            if short:
+                log.error("C-STORE from %s refused: %s", calling_ae, short)
+                metrics.STORE_FAILURES.labels(status=hex(OUT_OF_RESOURCES)).inc()
+                return OUT_OF_RESOURCES
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, data)
             signature = self.describe(ds) if self.describe is not None else None
             self.store.record_instance(
@@ -126,6 +132,17 @@ class StoreHandler:
         metrics.INSTANCES_RECEIVED.labels(sop_class=str(event.request.AffectedSOPClassUID)).inc()
         metrics.INSTANCE_BYTES.inc(len(data))
         return SUCCESS
+
+
+    def _short_of_space(self, size: int) -> str:
+        """Why this store must wait for space ('' when there is room); reports the free space."""
+        free = self.spool.free_bytes()
+        metrics.SPOOL_FREE_BYTES.set(free)
+        if self.min_free_bytes and free - size < self.min_free_bytes:
+            return (f"spool disk nearly full ({free / 2**20:.0f} MiB free, floor scp.min_free_mb "
+                    f"{self.min_free_bytes / 2**20:.0f} MiB): free space or run `strokeseg gc`; "
+                    "the sender keeps the image and may retry")
+        return ""
 
 
 def handle_echo(event: Any) -> int:
@@ -168,6 +185,7 @@ class StorageSCP:
         max_pdu_size: int = 0,
         commitments: CommitmentStore | None = None,
         describe: Describe | None = None,
+        min_free_bytes: int = 0,
     ) -> None:
         self.ae = build_ae(
             ae_title,
@@ -178,7 +196,7 @@ class StorageSCP:
         self.address = (host, port)
         self.handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, StoreHandler(spool, store, describe)),
+            (evt.EVT_C_STORE, StoreHandler(spool, store, describe, min_free_bytes)),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         if commitments is not None:
