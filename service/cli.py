@@ -79,13 +79,13 @@ class _ScpProcess:
         from service.deliver.followup import CommitmentFollowUp
         from service.intake import signature_of
         from service.metrics import serve_metrics
-        from service.retention import sweep
+        from service.retention import remove_orphans, sweep
         from service.scp import StorageSCP
         from service.scp.commitment import report_handlers
         from service.storage import Spool
         from service.worker.app import dispatcher
 
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, lock_timeout_s=settings.database_lock_timeout_s)
         store = JobStore(self.db)
         spool = Spool(settings.spool_dir)
         commitments = CommitmentStore(self.db)
@@ -127,7 +127,8 @@ class _ScpProcess:
                 evt_handlers=report_handlers(commitments),
             ).tick,
             retention=(
-                (lambda: sweep(store, commitments, spool, settings.retention), settings.retention.sweep_every_s)
+                (lambda: (sweep(store, commitments, spool, settings.retention), remove_orphans(store, spool)),
+                 settings.retention.sweep_every_s)
                 if settings.retention.sweep_every_s > 0 else None
             ),
         )
@@ -442,17 +443,19 @@ def gc(
     settings = _settings(config)
     from service.db import Database, JobStore
     from service.db.commitment import CommitmentStore
-    from service.retention import sweep
+    from service.retention import remove_orphans, sweep
     from service.storage import Spool
 
     db = Database(settings.database_url)
-    removed = sweep(JobStore(db), CommitmentStore(db), Spool(settings.spool_dir), settings.retention,
-                    dry_run=dry_run)
+    store, spool = JobStore(db), Spool(settings.spool_dir)
+    removed = sweep(store, CommitmentStore(db), spool, settings.retention, dry_run=dry_run)
+    orphans = remove_orphans(store, spool, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for item in removed:
         typer.echo(f"{verb}\t{item.study_instance_uid}\t{item.outcome}\t"
                    f"{item.finished_at.isoformat(timespec='seconds')}\t{item.bytes_freed}")
-    typer.echo(f"{verb} {len(removed)} studies, {sum(i.bytes_freed for i in removed) / 2**20:.1f} MiB")
+    typer.echo(f"{verb} {len(removed)} studies, {sum(i.bytes_freed for i in removed) / 2**20:.1f} MiB; "
+               f"{len(orphans)} unrecorded files (written, never recorded: a crash or a database fault)")
 
 
 @app.command()

@@ -301,6 +301,10 @@ class Settings(BaseSettings):
     assess: AssessSettings = AssessSettings()
     spool_dir: Path = Path("var/strokeseg")
     database_url: str = ""
+    database_lock_timeout_s: float = Field(
+        10.0, gt=0, description="A database statement waits at most this long for a lock (PostgreSQL: "
+        "lock_timeout; statement_timeout is 3x): a locked database gets C-STORE a bounded 0xA700.",
+    )
     broker_url: str = ""
     model_dir: Path = BUNDLED_MODEL_DIR
     model_routes: list[ModelRoute] = Field(

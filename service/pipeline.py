@@ -195,7 +195,7 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, lock_timeout_s=settings.database_lock_timeout_s)
         return cls(
             settings=settings,
             db=db,

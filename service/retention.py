@@ -80,3 +80,28 @@ def sweep(
         )
         log.info("retention: removed a %s study's files (%d bytes)", last.state.value, freed)
     return removed
+
+
+#: A received file this old that the database does not know is an orphan: the SCP process
+#: died (or the database failed) between writing it and recording it, and the sender, which
+#: got no Success, has sent it again or will.
+ORPHAN_AFTER_S = 3600.0
+
+
+def remove_orphans(store: JobStore, spool: Spool, *, now_s: float | None = None,
+                   older_than_s: float = ORPHAN_AFTER_S, dry_run: bool = False) -> list[Path]:
+    """Remove received files that no instance row references (and temp files left by a crash)."""
+    import time
+
+    if not spool.incoming.is_dir():
+        return []
+    now_s = time.time() if now_s is None else now_s
+    known = store.recorded_paths()
+    orphans = [
+        path for path in spool.incoming.rglob("*")
+        if path.is_file() and str(path) not in known and now_s - path.stat().st_mtime > older_than_s
+    ]
+    for path in orphans if not dry_run else []:
+        path.unlink(missing_ok=True)
+        log.warning("retention: removed an unrecorded file from the spool (%s)", path.name)
+    return orphans

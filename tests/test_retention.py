@@ -108,3 +108,21 @@ def test_gc_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "removed 1 studies" in done.stdout
     assert not (spool.incoming / "1.8.1").exists() and (spool.incoming / "1.8.2").is_dir()
+
+
+def test_unrecorded_files_are_removed_once_old(db: Database, tmp_path: Path) -> None:
+    """A file written but never recorded (crash, database fault) does not stay for ever."""
+    import os
+
+    from service.retention import ORPHAN_AFTER_S, remove_orphans
+
+    store, spool = JobStore(db), Spool(tmp_path / "spool")
+    _study(store, spool, "1.7.1", JobState.DELIVERED, 0)
+    recorded = store.instance_paths("1.7.1")[0]
+    old_orphan = spool.store_instance("1.7.2", "1.7.2.1", "1.7.2.1.1", b"DICM")
+    fresh_orphan = spool.store_instance("1.7.3", "1.7.3.1", "1.7.3.1.1", b"DICM")  # maybe in flight
+    past = old_orphan.stat().st_mtime - ORPHAN_AFTER_S - 60
+    os.utime(old_orphan, (past, past))
+    assert remove_orphans(store, spool, dry_run=True) == [old_orphan] and old_orphan.exists()
+    assert remove_orphans(store, spool) == [old_orphan]
+    assert not old_orphan.exists() and fresh_orphan.exists() and Path(recorded).exists()

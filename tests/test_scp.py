@@ -201,6 +201,53 @@ def test_store_below_the_free_space_floor_is_out_of_resources(tmp_path: Path) ->
         running.scp.stop()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_locked_database_gets_a_bounded_out_of_resources_and_no_orphan_file(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """A DB that stays locked costs a sender lock_timeout_s and a 0xA700, not a hung association."""
+    import sqlite3
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    url = (f"sqlite:///{tmp_path / 'jobs.sqlite'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    db = Database(url, lock_timeout_s=1.0)
+    store, spool = JobStore(db), Spool(tmp_path / "spool")
+    scp = StorageSCP(ae_title="STROKESEG", host="127.0.0.1", port=free_port(), spool=spool, store=store)
+    scp.start()
+    files = write_series(make_dwi_series(2, 16, 16), tmp_path / "in")
+    if backend == "sqlite":
+        locker = sqlite3.connect(tmp_path / "jobs.sqlite", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    else:
+        engine = create_engine(url)
+        locker = engine.connect()  # type: ignore[assignment]
+        locker.execute(text("BEGIN"))
+        locker.execute(text("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE"))
+    try:
+        started = time.monotonic()
+        sent = subprocess.run(
+            [dcmtk_tool("storescu"), "-d", "-aet", "MRI1", "-aec", "STROKESEG", "-nh", "127.0.0.1",
+             str(scp.port), str(files[0])], capture_output=True, text=True, timeout=60,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        locker.rollback()
+        locker.close()
+    try:
+        statuses = re.findall(r"DIMSE Status\s*:\s*(0x[0-9A-Fa-f]{4})", sent.stdout + sent.stderr)
+        assert [int(s, 16) for s in statuses] == [0xA700], sent.stdout + sent.stderr
+        assert elapsed < 15
+        assert list(spool.incoming.rglob("*.dcm")) == []  # written, not recorded: removed
+        assert _storescu(scp.port, files).returncode == 0  # the lock is gone: stored
+        assert len(list(spool.incoming.rglob("*.dcm"))) == 2
+    finally:
+        scp.stop()
+        db.dispose()
+
+
 def test_calling_ae_not_allowed_is_rejected(tmp_path: Path) -> None:
     r = _start(tmp_path, allowed_calling_aets=["MRI1"])
     try:

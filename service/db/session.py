@@ -18,32 +18,51 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets the SCP write while a worker reads; busy_timeout waits for locks
-    # instead of failing, which matters with two processes on one file.
-    dbapi_connection.isolation_level = None  # let the "begin" hook issue BEGIN
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+#: How long a statement may wait for a lock (and, on PostgreSQL, run) before it fails. A locked
+#: database must cost the SCP a bounded wait and a 0xA700 answer, not a hung association.
+DEFAULT_LOCK_TIMEOUT_S = 10.0
 
 
-def make_engine(database_url: str) -> Engine:
+def _sqlite_pragmas(lock_timeout_s: float) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # WAL lets the SCP write while a worker reads; busy_timeout waits for locks
+        # instead of failing, which matters with two processes on one file.
+        dbapi_connection.isolation_level = None  # let the "begin" hook issue BEGIN
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return on_connect
+
+
+def make_engine(database_url: str, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Engine:
+    """An engine whose statements wait at most ``lock_timeout_s`` for a lock."""
     if database_url.startswith("sqlite"):
         path = database_url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(database_url, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        engine = create_engine(database_url, connect_args={"timeout": lock_timeout_s})
+        event.listen(engine, "connect", _sqlite_pragmas(lock_timeout_s))
         # pysqlite's own transaction handling starts transactions lazily, so two
         # processes can both read and then collide on write (SQLITE_BUSY without
         # waiting).  BEGIN IMMEDIATE takes the write lock up front and the
         # busy_timeout makes the other writer wait instead of fail.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(database_url, pool_pre_ping=True)
+    if database_url.startswith("postgresql"):
+        milliseconds = int(lock_timeout_s * 1000)
+        return create_engine(
+            database_url, pool_pre_ping=True, pool_timeout=lock_timeout_s,
+            connect_args={
+                "connect_timeout": max(1, int(lock_timeout_s)),
+                # a statement waits at most this for a lock, and runs at most 3x as long
+                "options": f"-c lock_timeout={milliseconds} -c statement_timeout={3 * milliseconds}",
+            },
+        )
+    return create_engine(database_url, pool_pre_ping=True, pool_timeout=lock_timeout_s)
 
 
 def alembic_config() -> Config:
@@ -63,8 +82,9 @@ def upgrade_schema(engine: Engine) -> None:
 class Database:
     """An engine plus a session factory; ``session()`` commits or rolls back."""
 
-    def __init__(self, database_url: str, *, migrate: bool = True) -> None:
-        self.engine = make_engine(database_url)
+    def __init__(self, database_url: str, *, migrate: bool = True,
+                 lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> None:
+        self.engine = make_engine(database_url, lock_timeout_s=lock_timeout_s)
         if migrate:
             upgrade_schema(self.engine)
         self._factory = sessionmaker(self.engine, expire_on_commit=False)

@@ -566,6 +566,11 @@ class JobStore:
                    for j in summaries)
         ]
 
+    def recorded_paths(self) -> set[str]:
+        """Every instance file path the database knows (for finding orphans in the spool)."""
+        with self.db.session() as s:
+            return set(s.scalars(select(Instance.path)))
+
     def forget_instances(self, study_instance_uid: str, reason: str) -> int:
         """Drop a study's instance rows (their files are gone) and note it on each of its jobs."""
         now = utcnow()

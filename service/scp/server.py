@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -113,18 +114,16 @@ class StoreHandler:
                 log.error("C-STORE from %s refused: %s", calling_ae, short)
                 metrics.STORE_FAILURES.labels(status=hex(OUT_OF_RESOURCES)).inc()
                 return OUT_OF_RESOURCES
+            target = self.spool.instance_path(study_uid, series_uid, sop_uid)
+            new_file = not target.exists()
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, data)
             signature = self.describe(ds) if self.describe is not None else None
-            self.store.record_instance(
-                study_instance_uid=study_uid,
-                series_instance_uid=series_uid,
-                sop_instance_uid=sop_uid,
-                sop_class_uid=str(event.request.AffectedSOPClassUID),
-                path=str(path),
-                size_bytes=len(data),
-                calling_ae_title=calling_ae,
-                signature=signature,
-            )
+            try:
+                self._record(event, (study_uid, series_uid, sop_uid), path, len(data), calling_ae, signature)
+            except Exception:
+                if new_file:  # not recorded: leave no orphan (the sender keeps its copy and retries)
+                    path.unlink(missing_ok=True)
+                raise
         except Exception:
             log.exception("C-STORE from %s could not be persisted; answering failure", calling_ae)
             metrics.STORE_FAILURES.labels(status=hex(OUT_OF_RESOURCES)).inc()
@@ -133,6 +132,19 @@ class StoreHandler:
         metrics.INSTANCE_BYTES.inc(len(data))
         return SUCCESS
 
+    def _record(self, event: Any, uids: tuple[str, str, str], path: Path, size: int,
+                calling_ae: str, signature: InstanceSignature | None) -> None:
+        study_uid, series_uid, sop_uid = uids
+        self.store.record_instance(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            path=str(path),
+            size_bytes=size,
+            calling_ae_title=calling_ae,
+            signature=signature,
+        )
 
     def _short_of_space(self, size: int) -> str:
         """Why this store must wait for space ('' when there is room); reports the free space."""
