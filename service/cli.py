@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -168,20 +167,11 @@ def serve(config: ConfigOption = None) -> None:
 
     scp = _ScpProcess(settings, stale_job_after_s=0.0)  # our own worker is not running yet
     ensure_queue(settings)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"], env=os.environ.copy()
-    )
+    from service.supervise import WorkerSupervisor
+
+    worker = WorkerSupervisor([sys.executable, "-m", "service.cli", "worker", "--pool", "solo"])
+    worker.start()
     stop = threading.Event()
-    worker_died = threading.Event()
-
-    def _watch_worker() -> None:
-        worker.wait()
-        if not stop.is_set():
-            log.error("worker process exited with code %s; stopping", worker.returncode)
-            worker_died.set()
-            stop.set()
-
-    threading.Thread(target=_watch_worker, daemon=True).start()
     scp.start()
     typer.echo(
         f"strokeseg serving AE {settings.scp.ae_title} on {settings.scp.host}:{scp.scp.port}; "
@@ -193,15 +183,8 @@ def serve(config: ConfigOption = None) -> None:
     finally:
         stop.set()
         scp.stop()
-        if worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        worker.stop()
     typer.echo("strokeseg stopped", err=True)
-    if worker_died.is_set():
-        raise typer.Exit(1)
 
 
 @app.command()

@@ -22,6 +22,9 @@ INSTANCE_BYTES = Counter("strokeseg_instances_received_bytes_total", "Bytes of s
 STORE_FAILURES = Counter(
     "strokeseg_store_failures_total", "C-STORE requests answered with a failure", ["status"]
 )
+WORKER_RESTARTS = Counter(
+    "strokeseg_worker_restarts_total", "Worker processes that `serve` had to start again"
+)
 SPOOL_FREE_BYTES = Gauge(
     "strokeseg_spool_free_bytes", "Free bytes on the spool's file system, as the SCP last saw it",
     multiprocess_mode="min",
