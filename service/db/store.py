@@ -243,6 +243,11 @@ class JobStore:
                 s.add(JobEvent(job_id=job.id, state=JobState.RECEIVED.value, reason="", at=now))
             return job.id
 
+    def recorded_path(self, sop_instance_uid: str) -> str | None:
+        """Where the instance with this SOP Instance UID is stored, if it was received before."""
+        with self.db.session() as s:
+            return s.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+
     def instance_paths(self, study_instance_uid: str) -> list[str]:
         with self.db.session() as s:
             return list(

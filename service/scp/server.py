@@ -116,6 +116,7 @@ class StoreHandler:
                 return OUT_OF_RESOURCES
             target = self.spool.instance_path(study_uid, series_uid, sop_uid)
             new_file = not target.exists()
+            before = self.store.recorded_path(sop_uid)
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, data)
             signature = self.describe(ds) if self.describe is not None else None
             try:
@@ -124,6 +125,10 @@ class StoreHandler:
                 if new_file:  # not recorded: leave no orphan (the sender keeps its copy and retries)
                     path.unlink(missing_ok=True)
                 raise
+            if before is not None and before != str(path):
+                # The same SOP Instance UID re-sent under another study or series: the record
+                # moved to the new file, so the old one would be an orphan.
+                Path(before).unlink(missing_ok=True)
         except Exception:
             log.exception("C-STORE from %s could not be persisted; answering failure", calling_ae)
             metrics.STORE_FAILURES.labels(status=hex(OUT_OF_RESOURCES)).inc()
