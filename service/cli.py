@@ -100,6 +100,7 @@ class _ScpProcess:
             commitments=commitments,
             describe=signature_of,
             min_free_bytes=int(settings.scp.min_free_mb * 2**20),
+            allowed_networks=settings.scp.allowed_networks,
         )
         self.assembler = StudyAssembler(
             store,
@@ -131,7 +132,7 @@ class _ScpProcess:
                 if settings.retention.sweep_every_s > 0 else None
             ),
         )
-        serve_metrics(settings.metrics.scp_port)
+        serve_metrics(settings.metrics.scp_port, addr=settings.metrics.host)
 
     def start(self) -> None:
         self.scp.start()
@@ -219,7 +220,7 @@ def worker(
 
     ensure_queue(settings)
     celery_app = create_worker_app(settings)
-    serve_metrics(settings.metrics.worker_port)
+    serve_metrics(settings.metrics.worker_port, addr=settings.metrics.host)
     argv = [
         "worker",
         "--queues", settings.worker.queue,

@@ -8,6 +8,7 @@ SQLite, the bundled model, all under ``spool_dir``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -40,6 +41,11 @@ class ScpSettings(_Section):
     allowed_calling_aets: list[str] = Field(
         default_factory=list, description="Empty: accept any calling AE title."
     )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or CIDR networks allowed to connect (e.g. 10.1.2.0/24); empty = any. "
+        "Others are disconnected before any DICOM is read; logged and counted.",
+    )
     max_associations: int = Field(10, ge=1)
     max_pdu_size: int = Field(0, ge=0, description="0 = unlimited (fastest receive).")
     min_free_mb: float = Field(
@@ -47,6 +53,13 @@ class ScpSettings(_Section):
         description="Free space the spool's file system keeps: a C-STORE that would leave less is "
         "answered 0xA700 (out of resources: the sender keeps the image and retries later); 0 = off.",
     )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad entry
+        return value
 
     @field_validator("ae_title")
     @classmethod
@@ -281,6 +294,10 @@ class PreprocessSettings(_Section):
 
 
 class MetricsSettings(_Section):
+    host: str = Field(
+        "127.0.0.1", description="Address /metrics listens on: localhost by default; 0.0.0.0 where "
+        "Prometheus scrapes from another host or pod (then restrict it, e.g. a NetworkPolicy).",
+    )
     scp_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the SCP; 0 = off.")
     worker_port: int = Field(0, ge=0, le=65535, description="Prometheus port of a worker; 0 = off.")
 

@@ -64,3 +64,14 @@ def test_example_config_documents_the_assess_defaults(monkeypatch: pytest.Monkey
     assert example.assess == defaults.assess
     assert example.assess.outside_range_policy == "deliver"
     assert example.derive.core_scope == defaults.derive.core_scope == "lesion"
+
+
+def test_network_allow_list_entries_are_checked_and_metrics_stay_local_by_default() -> None:
+    from pydantic import ValidationError
+
+    from service.config import ScpSettings, Settings
+
+    assert ScpSettings(allowed_networks=["10.1.2.0/24", "192.168.0.7", "fd00::/8"]).allowed_networks
+    with pytest.raises(ValidationError, match="10.1.2.300/24"):
+        ScpSettings(allowed_networks=["10.1.2.300/24"])
+    assert Settings().metrics.host == "127.0.0.1"

@@ -479,3 +479,20 @@ def test_dockerfile_matches_pyproject_and_chart() -> None:
         for word in shlex.split(rest)
     )["STROKESEG_SPOOL_DIR"]
     assert spool == values["spool"]["mountPath"]
+
+
+def test_network_policy_limits_dicom_and_metrics_to_the_listed_peers(
+    embedded: list[Manifest], split: list[Manifest]
+) -> None:
+    assert _of_kind(embedded, "NetworkPolicy") == []  # opt-in
+    (policy,) = _of_kind(split, "NetworkPolicy")
+    dicom, metrics = policy["spec"]["ingress"]
+    (container,) = [c for d, c in _containers(split) if d["spec"]["template"]["metadata"]["labels"]
+                    ["app.kubernetes.io/component"] == "scp"]
+    assert [p["port"] for p in dicom["ports"]] == [_ports(container)["dicom"]]
+    assert dicom["from"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    assert {p["port"] for p in metrics["ports"]} == {9100, 9101}
+    assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "strokeseg"

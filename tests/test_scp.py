@@ -248,6 +248,26 @@ def test_locked_database_gets_a_bounded_out_of_resources_and_no_orphan_file(
         db.dispose()
 
 
+def test_address_outside_the_allowed_networks_is_disconnected(tmp_path: Path) -> None:
+    from service import metrics
+
+    before = metrics.ASSOCIATIONS_REJECTED.labels(reason="address not allowed")._value.get()
+    outside = _start(tmp_path / "a", allowed_networks=["10.0.0.0/8", "fd00::/8"])
+    try:
+        assert _echo(outside.port) != 0  # 127.0.0.1 is not listed: no association
+        files = write_series(make_dwi_series(1, 16, 16), tmp_path / "in")
+        assert _storescu(outside.port, files).returncode != 0
+        assert not outside.spool.incoming.exists()
+    finally:
+        outside.scp.stop()
+    assert metrics.ASSOCIATIONS_REJECTED.labels(reason="address not allowed")._value.get() >= before + 2
+    inside = _start(tmp_path / "b", allowed_networks=["10.0.0.0/8", "127.0.0.1/32"])
+    try:
+        assert _echo(inside.port) == 0
+    finally:
+        inside.scp.stop()
+
+
 def test_calling_ae_not_allowed_is_rejected(tmp_path: Path) -> None:
     r = _start(tmp_path, allowed_calling_aets=["MRI1"])
     try:

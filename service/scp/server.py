@@ -8,10 +8,11 @@ sender keeps its copy and can retry.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,7 @@ class StorageSCP:
         commitments: CommitmentStore | None = None,
         describe: Describe | None = None,
         min_free_bytes: int = 0,
+        allowed_networks: Sequence[str] = (),
     ) -> None:
         self.ae = build_ae(
             ae_title,
@@ -222,6 +224,23 @@ class StorageSCP:
             self.handlers.extend(add_storage_commitment(self.ae, commitments))
         self._server: Any = None
         self._lock = threading.Lock()
+        self.allowed_networks = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
+
+    def _verify_peer(self, _request: Any, client_address: Any) -> bool:
+        """The IP allow-list: a peer outside it is disconnected before any DICOM is read."""
+        if not self.allowed_networks:
+            return True
+        try:
+            address = ipaddress.ip_address(str(client_address[0]).split("%", 1)[0])
+        except ValueError:
+            address = None
+        if address is not None and address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address is not None and any(address in network for network in self.allowed_networks):
+            return True
+        log.warning("connection from %s refused: address not in scp.allowed_networks", client_address[0])
+        metrics.ASSOCIATIONS_REJECTED.labels(reason="address not allowed").inc()
+        return False
 
     @staticmethod
     def _on_rejected(event: Any) -> None:
@@ -234,6 +253,7 @@ class StorageSCP:
             self._server = self.ae.start_server(
                 self.address, block=False, evt_handlers=self.handlers
             )
+            self._server.verify_request = self._verify_peer
         log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, *self.address)
 
     @property
