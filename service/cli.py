@@ -101,6 +101,7 @@ class _ScpProcess:
             describe=signature_of,
             min_free_bytes=int(settings.scp.min_free_mb * 2**20),
             allowed_networks=settings.scp.allowed_networks,
+            tls=settings.scp.tls,
         )
         self.assembler = StudyAssembler(
             store,

@@ -34,6 +34,46 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ScpTlsSettings(_Section):
+    """DICOM TLS (PS3.15 Annex B) for the SCP: a second listener, beside or instead of the plain one."""
+
+    enabled: bool = False
+    port: int = Field(2762, ge=0, le=65535, description="TLS port (2762 is DICOM's registered TLS port).")
+    cert_file: Path | None = Field(None, description="Our certificate (PEM), with its chain.")
+    key_file: Path | None = Field(None, description="Its private key (PEM).")
+    ca_file: Path | None = Field(
+        None, description="CA certificates (PEM) that client certificates must chain to."
+    )
+    require_client_cert: bool = Field(
+        False, description="Refuse TLS peers without a certificate from ca_file (mutual TLS)."
+    )
+    plain: bool = Field(True, description="Also listen without TLS on scp.port; false = TLS only.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ScpTlsSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("scp.tls.enabled needs cert_file and key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("scp.tls.require_client_cert needs ca_file (the CA client certificates chain to)")
+        return self
+
+
+class DestinationTls(_Section):
+    """DICOM TLS to one destination."""
+
+    enabled: bool = False
+    ca_file: Path | None = Field(
+        None, description="CA certificates (PEM) the destination's certificate must chain to; "
+        "empty = the system's trust store."
+    )
+    cert_file: Path | None = Field(None, description="Our client certificate (PEM), if the peer asks.")
+    key_file: Path | None = Field(None, description="Its private key (PEM).")
+    server_name: str = Field(
+        "", description="Name the destination's certificate must carry; empty = its host."
+    )
+    verify: bool = Field(True, description="Check the destination's certificate (keep true outside tests).")
+
+
 class ScpSettings(_Section):
     ae_title: str = "STROKESEG"
     host: str = "0.0.0.0"
@@ -48,6 +88,7 @@ class ScpSettings(_Section):
     )
     max_associations: int = Field(10, ge=1)
     max_pdu_size: int = Field(0, ge=0, description="0 = unlimited (fastest receive).")
+    tls: ScpTlsSettings = ScpTlsSettings()
     min_free_mb: float = Field(
         1024.0, ge=0,
         description="Free space the spool's file system keeps: a C-STORE that would leave less is "
@@ -235,6 +276,7 @@ class Destination(_Section):
         default_factory=lambda: list[ResultKind](("SEG", "SR")),
         description="Which result objects this destination receives.",
     )
+    tls: DestinationTls = DestinationTls()
 
 
 class ModelRoute(_Section):

@@ -47,6 +47,8 @@ from pynetdicom.status import code_to_category
 
 from service.config import Destination
 from service.domain import ResultObject
+from service.errors import ConfigError
+from service.tls import tls_args
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +287,16 @@ def request_commitment(
     # Commitment still completes the association and we can say so, instead of
     # seeing an association aborted for lack of any accepted context.
     ae.add_requested_context(Verification, COMMITMENT_TRANSFER_SYNTAXES)
+    try:
+        secure = tls_args(destination)
+    except ConfigError as exc:
+        return ActionResult(request.transaction_uid, None, f"destination {where}: TLS not usable: {exc}")
     assoc = ae.associate(
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
         evt_handlers=list(evt_handlers),
+        tls_args=secure,
     )
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "unreachable or aborted"

@@ -17,7 +17,8 @@ from pynetdicom import AE
 
 from service.config import Destination
 from service.domain import ResultObject
-from service.errors import DeliveryError
+from service.errors import ConfigError, DeliveryError
+from service.tls import tls_args
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,11 @@ def store_objects(
     for sop_class in sorted({o.sop_class_uid for o in objects}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    try:
+        secure = tls_args(destination)
+    except ConfigError as exc:
+        raise DeliveryError(f"destination {where}: TLS not usable: {exc}") from exc
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=secure)
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "unreachable or aborted"
         raise DeliveryError(f"destination {where}: {reason}")

@@ -26,10 +26,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from service import metrics
+from service.config import ScpTlsSettings
 from service.db import InstanceSignature, JobStore
 from service.db.commitment import CommitmentStore
 from service.scp.commitment import add_storage_commitment
 from service.storage import Spool
+from service.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,7 @@ class StorageSCP:
         describe: Describe | None = None,
         min_free_bytes: int = 0,
         allowed_networks: Sequence[str] = (),
+        tls: ScpTlsSettings | None = None,
     ) -> None:
         self.ae = build_ae(
             ae_title,
@@ -223,6 +226,8 @@ class StorageSCP:
             # the PACS proposes the SCP role; accept it and record the report.
             self.handlers.extend(add_storage_commitment(self.ae, commitments))
         self._server: Any = None
+        self._tls_server: Any = None
+        self.tls = tls if tls is not None and tls.enabled else None
         self._lock = threading.Lock()
         self.allowed_networks = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
 
@@ -249,19 +254,34 @@ class StorageSCP:
         metrics.ASSOCIATIONS_REJECTED.labels(reason="association rejected").inc()
 
     def start(self) -> None:
+        """Listen on scp.port (unless TLS-only) and, with TLS on, on scp.tls.port."""
         with self._lock:
-            self._server = self.ae.start_server(
-                self.address, block=False, evt_handlers=self.handlers
-            )
-            self._server.verify_request = self._verify_peer
-        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, *self.address)
+            if self.tls is None or self.tls.plain:
+                self._server = self.ae.start_server(self.address, block=False, evt_handlers=self.handlers)
+                self._server.verify_request = self._verify_peer
+                log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, *self._server.server_address[:2])
+            if self.tls is not None:
+                self._tls_server = self.ae.start_server(
+                    (self.address[0], self.tls.port), block=False, evt_handlers=self.handlers,
+                    ssl_context=server_context(self.tls, lazy_handshake=True),
+                )
+                self._tls_server.verify_request = self._verify_peer
+                log.info("DICOM SCP %s listening with TLS on %s:%d",
+                         self.ae.ae_title, *self._tls_server.server_address[:2])
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        """The plain listener's port (the TLS one's when TLS is the only one)."""
+        server = self._server if self._server is not None else self._tls_server
+        return int(server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        return None if self._tls_server is None else int(self._tls_server.server_address[1])
 
     def stop(self) -> None:
         with self._lock:
-            if self._server is not None:
-                self._server.shutdown()
-                self._server = None
+            for server in (self._server, self._tls_server):
+                if server is not None:
+                    server.shutdown()
+            self._server = self._tls_server = None
