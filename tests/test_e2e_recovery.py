@@ -1,5 +1,6 @@
-"""Drills on real processes: a worker killed mid-job, and a broker message lost, are recovered while
-the service runs (no restart) and the results reach the PACS exactly once.
+"""Drills on real processes: a worker killed mid-job, a broker message lost, and a broker that
+dies and comes back empty, are recovered while the service runs (no restart) and the results
+reach the PACS exactly once; no patient identifier reaches a log, /metrics or a job record.
 
 Split deployment (``strokeseg scp`` + ``strokeseg worker``) on the machine's real Redis and
 PostgreSQL. The PACS is a pynetdicom storage SCP in this process, so the test can hold the
@@ -11,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import redis
 from pynetdicom import AE, StoragePresentationContexts, evt
@@ -165,3 +169,77 @@ def test_lost_broker_message_is_handed_over_again_without_a_restart(
                 assert "handing it to the broker again" in scp.output()
                 assert worker.stop() == 0, worker.output()
             assert scp.stop() == 0, scp.output()
+
+
+class _Redis:
+    """A redis-server of the test's own, on its own port, that the test can stop and start."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: self._ping(), 20, "redis-server to answer")
+
+    def _ping(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # a broker crash, not a clean shutdown: queued messages are gone
+            self.proc.wait()
+            self.proc = None
+
+
+def test_broker_down_and_back_delivers_without_a_restart_and_leaks_no_phi(
+    tmp_path: Path, phantom_cases: list[Path], postgres_url: str
+) -> None:
+    """The broker dies, a study arrives meanwhile, the broker comes back empty: delivered.
+
+    Also the no-PHI drill: the phantom's patient name and ID appear in no log, no /metrics
+    page and no job record of the run.
+    """
+    case = phantom_cases[0]
+    study_uid = _study_uid(case)
+    broker = _Redis(tmp_path / "redis")
+    broker.start()
+    metrics_port = free_port()
+    with HoldingPACS() as pacs:
+        config, port = _config(tmp_path, pacs, postgres_url, lost_dispatch_after_s=5.0)
+        text = config.read_text().replace(f"redis://127.0.0.1:6379/{REDIS_DB}",
+                                          f"redis://127.0.0.1:{broker.port}/0")
+        config.write_text(text + f"metrics: {{scp_port: {metrics_port}, worker_port: 0}}\n")
+        try:
+            with Strokeseg("scp", config, log=tmp_path / "scp.log") as scp, \
+                    Strokeseg("worker", config, log=tmp_path / "worker.log") as worker:
+                wait_for(lambda: echo_ok(port), 60, "strokeseg scp to answer C-ECHO")
+                broker.stop()
+                storescu(port, case / "dicom")  # received while the broker is down
+                wait_for(lambda: (j := _job(config, study_uid)) and j[1] == "queued", 60, "the job queued")
+                time.sleep(3)
+                broker.start()  # back, empty
+                wait_for(lambda: (j := _job(config, study_uid)) and j[1] == "delivered", 180,
+                         "the job delivered once the broker is back")
+                assert len(pacs.unique()) == 2
+                page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+                jobs = run_cli(config, "jobs").stdout
+                assert scp.stop() == 0, scp.output()
+                assert worker.stop() == 0, worker.output()
+                logs = scp.output() + worker.output()
+        finally:
+            broker.stop()
+    sent = pydicom.dcmread(next((case / "dicom").rglob("*.dcm")), stop_before_pixels=True)
+    for identifier in (str(sent.PatientName), str(sent.PatientID)):
+        assert identifier and identifier not in logs
+        assert identifier.encode() not in page
+        assert identifier not in jobs
