@@ -268,6 +268,50 @@ def test_address_outside_the_allowed_networks_is_disconnected(tmp_path: Path) ->
         inside.scp.stop()
 
 
+def test_database_down_then_up_answers_out_of_resources_then_stores(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """PostgreSQL refuses the SCP's connections: a bounded 0xA700 and no file; back up: stored."""
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    db = Database(postgres_url, lock_timeout_s=2.0)
+    store, spool = JobStore(db), Spool(tmp_path / "spool")
+    scp = StorageSCP(ae_title="STROKESEG", host="127.0.0.1", port=free_port(), spool=spool, store=store)
+    scp.start()
+    files = write_series(make_dwi_series(2, 16, 16), tmp_path / "in")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false'))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                         {"n": name})
+        started = time.monotonic()
+        sent = subprocess.run(
+            [dcmtk_tool("storescu"), "-d", "-aet", "MRI1", "-aec", "STROKESEG", "-nh", "127.0.0.1",
+             str(scp.port), str(files[0])], capture_output=True, text=True, timeout=60,
+        )
+        elapsed = time.monotonic() - started
+        statuses = re.findall(r"DIMSE Status\s*:\s*(0x[0-9A-Fa-f]{4})", sent.stdout + sent.stderr)
+        assert [int(s, 16) for s in statuses] == [0xA700], sent.stdout + sent.stderr
+        assert elapsed < 15
+        assert list(spool.incoming.rglob("*.dcm")) == []
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true'))
+        assert _storescu(scp.port, files).returncode == 0
+        assert len(store.recorded_paths()) == 2
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true'))
+        scp.stop()
+        db.dispose()
+        admin.dispose()
+
+
 def test_calling_ae_not_allowed_is_rejected(tmp_path: Path) -> None:
     r = _start(tmp_path, allowed_calling_aets=["MRI1"])
     try:
