@@ -74,6 +74,7 @@ class Orthanc:
         start_timeout_s: float = 30.0,
         verbose: bool = False,
         lua: str = "",
+        extra_config: dict[str, object] | None = None,
     ) -> None:
         """Ports 0 (the default) are picked free at each start; give fixed ones to
         e.g. configure a destination before its PACS is up ("down, then up").
@@ -86,6 +87,7 @@ class Orthanc:
         self.start_timeout_s = start_timeout_s
         self.verbose = verbose
         self.lua = lua
+        self.extra_config = dict(extra_config or {})
         self.fixed_ports = (http_port, dicom_port)
         self.http_port = http_port
         self.dicom_port = dicom_port
@@ -119,6 +121,7 @@ class Orthanc:
             "OverwriteInstances": True,
             "StorageCompression": False,
         }
+        config.update(self.extra_config)
         if self.lua:
             script = self.workdir / "script.lua"
             script.write_text(self.lua)

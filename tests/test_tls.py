@@ -130,3 +130,28 @@ def test_delivery_over_tls_to_dcmtk_storescp(tmp_path: Path, pki: Path) -> None:
     finally:
         peer.terminate()
         peer.wait(timeout=10)
+
+
+def test_delivery_over_mutual_tls_to_orthanc(tmp_path: Path, pki: Path) -> None:
+    """Orthanc (Debian's build has DICOM TLS) requires our client certificate and stores the objects."""
+    from tests.orthanc import Orthanc
+
+    pacs = Orthanc(tmp_path / "orthanc", extra_config={
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(pki / "server.pem"),
+        "DicomTlsPrivateKey": str(pki / "server.key"),
+        "DicomTlsTrustedCertificates": str(pki / "ca.pem"),
+        "DicomTlsRemoteCertificateRequired": True,
+    })
+    with pacs:
+        files = write_series(make_dwi_series(2, 16, 16), tmp_path / "objs")
+        objects = [ResultObject.of("SEG", p, pydicom.dcmread(p)) for p in files]
+        secure = Destination(name="orthanc", ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port,
+                             tls=DestinationTls(enabled=True, ca_file=pki / "ca.pem",
+                                                cert_file=pki / "client.pem", key_file=pki / "client.key"))
+        outcomes = store_objects(secure, objects, calling_ae_title="STROKESEG")
+        assert [o.stored for o in outcomes] == [True, True]
+        assert {o.obj.sop_instance_uid for o in outcomes} <= pacs.sop_instance_uids()
+        plain = secure.model_copy(update={"tls": DestinationTls()})
+        with pytest.raises(DeliveryError):  # Orthanc's DICOM port speaks TLS only
+            store_objects(plain, objects, calling_ae_title="STROKESEG", timeout_s=5)
