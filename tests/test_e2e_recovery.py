@@ -23,6 +23,7 @@ from typing import Any
 import pydicom
 import pytest
 import redis
+import yaml
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from service.db import Database, JobStore
@@ -254,3 +255,31 @@ def test_broker_down_and_back_delivers_without_a_restart_and_leaks_no_phi(
         assert identifier and identifier not in logs
         assert identifier.encode() not in page
         assert identifier not in jobs
+
+
+def test_scp_killed_after_receiving_loses_nothing(
+    tmp_path: Path, phantom_cases: list[Path], postgres_url: str
+) -> None:
+    """kill -9 of the SCP between receiving a study and queueing it: after a restart it is delivered once."""
+    case = phantom_cases[0]
+    study_uid = _study_uid(case)
+    with HoldingPACS() as pacs:
+        config, port = _config(tmp_path, pacs, postgres_url)
+        settings = yaml.safe_load(config.read_text())
+        settings["study"].update(completion_timeout_s=8.0, early_completion=False)  # still 'received' at the kill
+        config.write_text(yaml.safe_dump(settings))
+        with Strokeseg("worker", config, log=tmp_path / "worker.log") as worker:
+            first = Strokeseg("scp", config, log=tmp_path / "scp1.log").start()
+            assert first.proc is not None
+            wait_for(lambda: echo_ok(port), 60, "strokeseg scp to answer C-ECHO")
+            storescu(port, case / "dicom")
+            first.proc.kill()  # every image was acknowledged: each is on disk and in the database
+            first.proc.wait()
+            job = _job(config, study_uid)
+            assert job is not None and job[1] == "received", job
+            with Strokeseg("scp", config, log=tmp_path / "scp2.log") as second:
+                wait_for(lambda: (j := _job(config, study_uid)) and j[1] == "delivered", 120,
+                         "the study delivered after the SCP's restart")
+                assert len(pacs.unique()) == 2
+                assert second.stop() == 0, second.output()
+            assert worker.stop() == 0, worker.output()
