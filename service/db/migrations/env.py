@@ -26,5 +26,5 @@ def run_migrations_online() -> None:
 
 
 if context.is_offline_mode():
-    raise RuntimeError("offline migrations are not supported; run `strokeseg db upgrade`")
+    raise RuntimeError("offline migrations are not supported; run `strokeseg db-upgrade`")
 run_migrations_online()
