@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# 1. Real DICOM peers and validators (dcmtk storescu/echoscu/storescp, dicom3tools dciodvfy, Orthanc).
+# 1. Real DICOM peers and validators (dcmtk storescu/echoscu/storescp, dicom3tools dciodvfy, Orthanc),
+#    and Prometheus's promtool for the alert rules.
 missing=()
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -x /usr/bin/promtool ] || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== apt-get install ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -133,6 +134,13 @@ class _ScpProcess:
                 if settings.retention.sweep_every_s > 0 else None
             ),
         )
+        if settings.metrics.scp_port:
+            from prometheus_client import REGISTRY
+
+            from service.observe import ServiceStateCollector
+
+            REGISTRY.register(ServiceStateCollector(
+                store, spool, missing_result_after_s=settings.metrics.missing_result_after_s))
         serve_metrics(settings.metrics.scp_port, addr=settings.metrics.host)
 
     def start(self) -> None:
@@ -203,6 +211,18 @@ def scp(config: ConfigOption = None) -> None:
         process.stop()
 
 
+def _start_heartbeat(every_s: float = 15.0) -> None:
+    """strokeseg_worker_heartbeat_timestamp_seconds, so ops see a worker that stopped (alert WorkerDown)."""
+    from service import metrics
+
+    def beat() -> None:
+        while True:
+            metrics.WORKER_HEARTBEAT.set(time.time())
+            time.sleep(every_s)
+
+    threading.Thread(target=beat, name="worker-heartbeat", daemon=True).start()
+
+
 @app.command()
 def worker(
     config: ConfigOption = None,
@@ -221,7 +241,11 @@ def worker(
 
     ensure_queue(settings)
     celery_app = create_worker_app(settings)
+    import service.worker.app as worker_app
+
+    worker_app.preload_in_main_process = pool == "solo"
     serve_metrics(settings.metrics.worker_port, addr=settings.metrics.host)
+    _start_heartbeat()
     argv = [
         "worker",
         "--queues", settings.worker.queue,

@@ -341,6 +341,10 @@ class MetricsSettings(_Section):
         "Prometheus scrapes from another host or pod (then restrict it, e.g. a NetworkPolicy).",
     )
     scp_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the SCP; 0 = off.")
+    missing_result_after_s: float = Field(
+        900.0, gt=0, description="strokeseg_missing_results counts studies received longer ago than "
+        "this that have no final state yet (the missing-result watchdog).",
+    )
     worker_port: int = Field(0, ge=0, le=65535, description="Prometheus port of a worker; 0 = off.")
 
 

@@ -25,9 +25,20 @@ STORE_FAILURES = Counter(
 WORKER_RESTARTS = Counter(
     "strokeseg_worker_restarts_total", "Worker processes that `serve` had to start again"
 )
-SPOOL_FREE_BYTES = Gauge(
-    "strokeseg_spool_free_bytes", "Free bytes on the spool's file system, as the SCP last saw it",
-    multiprocess_mode="min",
+RESULT_LATENCY_SECONDS = Histogram(
+    "strokeseg_result_latency_seconds",
+    "From the study's last received image to its results stored at a destination",
+    ["destination"],
+    buckets=(2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
+)
+WORKER_HEARTBEAT = Gauge(
+    "strokeseg_worker_heartbeat_timestamp_seconds",
+    "Unix time of the worker's last heartbeat (every 15 s while it runs)",
+    multiprocess_mode="max",
+)
+MODEL_INFO = Gauge(
+    "strokeseg_model_info", "The models a worker serves (value 1)", ["name", "version", "provider"],
+    multiprocess_mode="max",
 )
 ASSOCIATIONS_REJECTED = Counter(
     "strokeseg_associations_rejected_total", "Associations rejected", ["reason"]

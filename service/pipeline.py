@@ -229,6 +229,8 @@ def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> li
             record_store_attempt(ctx.store, job_id, destination.name, wanted, None, error=str(exc))
             continue
         record_store_attempt(ctx.store, job_id, destination.name, wanted, outcomes)
+        if all(o.stored for o in outcomes):
+            _observe_result_latency(ctx, job_id, destination.name)
         problems += [
             f"destination {destination.name}: {o.obj.kind} not stored ({o.detail})"
             for o in outcomes
@@ -238,6 +240,15 @@ def _deliver(ctx: WorkerContext, job_id: int, objects: list[ResultObject]) -> li
         if stored and destination.storage_commitment:
             _request_commitment(ctx, job_id, destination, stored)
     return problems
+
+
+def _observe_result_latency(ctx: WorkerContext, job_id: int, destination: str) -> None:
+    """Last image received -> results stored at ``destination`` (the clinical latency)."""
+    summary = ctx.store.job(job_id)
+    received = ctx.store.last_received_at(summary.study_instance_uid) if summary else None
+    if received is not None:
+        metrics.RESULT_LATENCY_SECONDS.labels(destination=destination).observe(
+            max(0.0, (utcnow() - received).total_seconds()))
 
 
 def _request_commitment(

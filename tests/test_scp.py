@@ -190,7 +190,7 @@ def test_store_below_the_free_space_floor_is_out_of_resources(tmp_path: Path) ->
         statuses = re.findall(r"DIMSE Status\s*:\s*(0x[0-9A-Fa-f]{4})", sent.stdout + sent.stderr)
         assert [int(s, 16) for s in statuses] == [0xA700, 0xA700], sent.stdout + sent.stderr
         assert not running.spool.incoming.exists() or list(running.spool.incoming.rglob("*.dcm")) == []
-        assert metrics.SPOOL_FREE_BYTES._value.get() > 0  # reported for ops
+        assert metrics.STORE_FAILURES.labels(status=hex(0xA700))._value.get() >= 2  # counted for ops
     finally:
         running.scp.stop()
     running = _start(tmp_path / "roomy", min_free_bytes=1)

@@ -243,6 +243,12 @@ class JobStore:
                 s.add(JobEvent(job_id=job.id, state=JobState.RECEIVED.value, reason="", at=now))
             return job.id
 
+    def last_received_at(self, study_instance_uid: str) -> datetime | None:
+        """When the study's latest image arrived (the start of the clinical latency)."""
+        with self.db.session() as s:
+            return s.scalar(select(Study.last_received_at).where(
+                Study.study_instance_uid == study_instance_uid))
+
     def recorded_path(self, sop_instance_uid: str) -> str | None:
         """Where the instance with this SOP Instance UID is stored, if it was received before."""
         with self.db.session() as s:

@@ -157,7 +157,6 @@ class StoreHandler:
     def _short_of_space(self, size: int) -> str:
         """Why this store must wait for space ('' when there is room); reports the free space."""
         free = self.spool.free_bytes()
-        metrics.SPOOL_FREE_BYTES.set(free)
         if self.min_free_bytes and free - size < self.min_free_bytes:
             return (f"spool disk nearly full ({free / 2**20:.0f} MiB free, floor scp.min_free_mb "
                     f"{self.min_free_bytes / 2**20:.0f} MiB): free space or run `strokeseg gc`; "

@@ -19,9 +19,10 @@ import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from kombu import Queue
 
+from service import metrics
 from service.config import Settings, load_settings
 from service.pipeline import WorkerContext, run_job
 
@@ -68,15 +69,32 @@ def worker_context() -> WorkerContext:
     return _context
 
 
+#: Set by ``strokeseg worker --pool solo``: tasks run in the main process, which no fork follows.
+preload_in_main_process = False
+
+
+def _preload() -> None:
+    try:  # load every routed model now: warm for the first study, bad bundles found early
+        for model in worker_context().router.preload():
+            log.info("model %s %s warm (%s)", model.card.name, model.card.version, model.provider)
+            metrics.MODEL_INFO.labels(model.card.name, model.card.version, model.provider).set(1)
+    except Exception:
+        log.exception("could not preload the models; jobs will report the error")
+
+
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     global _context
     _context = None  # never share DB connections or ONNX sessions across a fork
-    try:  # load every routed model now: warm for the first study, bad bundles found early
-        for model in worker_context().router.preload():
-            log.info("model %s %s warm (%s)", model.card.name, model.card.version, model.provider)
-    except Exception:
-        log.exception("could not preload the models; jobs will report the error")
+    _preload()
+
+
+@worker_ready.connect
+def _ready(**_: Any) -> None:
+    # A prefork parent must not load models (its children would inherit ONNX Runtime's
+    # threads); with the solo pool the main process is the one that runs the tasks.
+    if preload_in_main_process:
+        _preload()
 
 
 @worker_process_shutdown.connect

@@ -1,0 +1,96 @@
+"""Alert rules with the real Prometheus tools, and the metrics they use scraped from a running strokeseg.
+
+promtool (Debian package ``prometheus``, installed by scripts/test.sh) checks and unit-tests
+the rules; a live ``strokeseg serve`` processes a study and every metric name the rules use
+must be on its /metrics pages: a misspelt name fails here, not silently in production.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+from tests.peers import StoreSCP, Strokeseg, echo_ok, storescu, wait_for, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+RULES = REPO / "deploy" / "prometheus" / "strokeseg-alerts.yml"
+RULE_TESTS = REPO / "deploy" / "prometheus" / "strokeseg-alerts.test.yml"
+RUNBOOK = REPO / "docs" / "operations.md"
+
+
+def _promtool() -> str:
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.fail("promtool is not installed (Debian package prometheus; scripts/test.sh installs it)")
+    return tool
+
+
+def _alerts() -> dict[str, str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+
+
+def test_rules_pass_promtool_check_and_unit_tests() -> None:
+    checked = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run([_promtool(), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True,
+                            cwd=RULE_TESTS.parent)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_every_alert_has_a_unit_test_and_a_runbook_entry() -> None:
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    tested = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])}
+    fired = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])
+             if case.get("exp_alerts")}
+    runbook = RUNBOOK.read_text()
+    for alert in _alerts():
+        assert alert in tested and alert in fired, f"{alert}: no promtool test that fires it"
+        assert f"### {alert}\n" in runbook, f"{alert}: no runbook entry in docs/operations.md"
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_every_metric_the_rules_use_is_exported_by_a_running_service(
+    tmp_path: Path, phantom_cases: list[Path]
+) -> None:
+    used = {name for expr in _alerts().values() for name in re.findall(r"\bstrokeseg_[a-z_]+", expr)}
+    port, scp_metrics, worker_metrics = free_port(), free_port(), free_port()
+    with StoreSCP(tmp_path / "pacs") as peer:
+        config = write_config(tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+                              destinations=[peer.destination()], completion_timeout_s=1.0,
+                              metrics={"scp_port": scp_metrics, "worker_port": worker_metrics})
+        with Strokeseg("serve", config) as serve:
+            wait_for(lambda: echo_ok(port), 60, "serve to start")
+            storescu(port, phantom_cases[0] / "dicom")
+            wait_for(lambda: len(peer.received()) >= 2, 120, "the study's results")
+
+            def pages() -> str:
+                return "".join(
+                    urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode()
+                    for p in (scp_metrics, worker_metrics)
+                )
+
+            def exported() -> set[str]:
+                names = set(re.findall(r"^# TYPE (strokeseg_[a-z_]+) ", pages(), re.MULTILINE))
+                # counters are typed without their _total suffix; samples carry it
+                return names | {n + "_total" for n in names}
+
+            missing = wait_for(lambda: not (used - exported()), 30, "every metric the rules use") and set()
+            assert not missing, used - exported()
+            # the job is recorded delivered just after the PACS has the objects
+            wait_for(lambda: re.search(r'^strokeseg_jobs\{state="delivered"\} 1\.0$', pages(), re.MULTILINE),
+                     30, "the delivered job on /metrics")
+            text = pages()
+            assert re.search(r"^strokeseg_result_latency_seconds_count\{destination=\"pacs\"\} 1\.0$", text,
+                             re.MULTILINE), text
+            assert re.search(r'^strokeseg_model_info\{name="unet2d-realanat",provider="CPUExecutionProvider",version="0.4.0"\} 1\.0$',
+                             text, re.MULTILINE), text
+            assert serve.stop() == 0, serve.output()
