@@ -1,4 +1,4 @@
-"""Alert rules with the real Prometheus tools, and the metrics they use scraped from a running strokeseg.
+"""Alert rules and the Grafana dashboard with the real Prometheus tools, against a running strokeseg.
 
 promtool (Debian package ``prometheus``, installed by scripts/test.sh) checks and unit-tests
 the rules; a live ``strokeseg serve`` processes a study and every metric name the rules use
@@ -7,9 +7,12 @@ must be on its /metrics pages: a misspelt name fails here, not silently in produ
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -94,3 +97,78 @@ def test_every_metric_the_rules_use_is_exported_by_a_running_service(
             assert re.search(r'^strokeseg_model_info\{name="unet2d-realanat",provider="CPUExecutionProvider",version="0.4.0"\} 1\.0$',
                              text, re.MULTILINE), text
             assert serve.stop() == 0, serve.output()
+
+
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "strokeseg.json"
+
+
+def _dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [target["expr"] for panel in panels for target in panel["targets"]]
+
+
+def _query(prometheus_port: int, expr: str) -> list[object]:
+    url = f"http://127.0.0.1:{prometheus_port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert answer["status"] == "success", (expr, answer)
+    return list(answer["data"]["result"])
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_real_prometheus_returns_data_for_every_dashboard_and_rule_query(
+    tmp_path: Path, phantom_cases: list[Path]
+) -> None:
+    """Prometheus scrapes a running strokeseg; a study is delivered and committed, another refused;
+    then every dashboard query, and every metric selector of every alert rule, returns data."""
+    from tests.orthanc import Modality, Orthanc
+    from tests.test_e2e import _non_diffusion_study
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus is not installed (Debian package prometheus; scripts/test.sh installs it)")
+    port, scp_metrics, worker_metrics, prom_port = free_port(), free_port(), free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "strokeseg", "static_configs": [
+            {"targets": [f"127.0.0.1:{scp_metrics}", f"127.0.0.1:{worker_metrics}"]}]}],
+    }))
+    checked = subprocess.run([_promtool(), "check", "config", str(tmp_path / "prometheus.yml")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    server = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with Orthanc(tmp_path / "orthanc", modalities=[Modality("strokeseg", "STROKESEG", port)]) as pacs:
+            destination = {**pacs.destination(), "name": "orthanc", "storage_commitment": True}
+            config = write_config(tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+                                  destinations=[destination], completion_timeout_s=1.0,
+                                  metrics={"scp_port": scp_metrics, "worker_port": worker_metrics})
+            with Strokeseg("serve", config) as serve:
+                wait_for(lambda: echo_ok(port), 60, "serve to start")
+                wait_for(lambda: len(_query(prom_port, 'up{job="strokeseg"} == 1')) == 2, 60,
+                         "Prometheus scraping both strokeseg processes")
+                storescu(port, phantom_cases[0] / "dicom")
+                _non_diffusion_study(tmp_path / "t1")
+                storescu(port, tmp_path / "t1")
+                wait_for(lambda: _query(prom_port, 'strokeseg_commitment_transactions{state="committed"} > 0'),
+                         120, "a committed result, scraped")
+                wait_for(lambda: _query(prom_port, 'strokeseg_jobs{state="refused"} > 0'), 60,
+                         "the refusal, scraped")
+                time.sleep(3)  # a few more scrapes after the last change
+                empty = [expr for expr in _dashboard_queries() if not _query(prom_port, expr)]
+                assert not empty, f"dashboard queries without data: {empty}"
+                for alert, expr in _alerts().items():
+                    for selector in set(re.findall(r"\bstrokeseg_[a-z_]+(?:\{[^}]*\})?", expr)):
+                        name = selector.split("{", 1)[0]
+                        # a selector on a state that did not occur (e.g. failed commitments) still
+                        # needs its metric to exist
+                        assert _query(prom_port, selector) or _query(prom_port, name), (alert, selector)
+                assert serve.stop() == 0, serve.output()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
