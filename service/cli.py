@@ -141,7 +141,10 @@ class _ScpProcess:
 
             REGISTRY.register(ServiceStateCollector(
                 store, spool, missing_result_after_s=settings.metrics.missing_result_after_s))
-        serve_metrics(settings.metrics.scp_port, addr=settings.metrics.host)
+        from service.health import process_checks, readiness
+
+        serve_metrics(settings.metrics.scp_port, addr=settings.metrics.host,
+                      ready=readiness(process_checks(settings, self.db)))
 
     def start(self) -> None:
         self.scp.start()
@@ -244,7 +247,12 @@ def worker(
     import service.worker.app as worker_app
 
     worker_app.preload_in_main_process = pool == "solo"
-    serve_metrics(settings.metrics.worker_port, addr=settings.metrics.host)
+    from service.db import Database
+    from service.health import model_bundles_check, process_checks, readiness
+
+    checks = [*process_checks(settings, Database(settings.database_url, migrate=False)),
+              model_bundles_check(settings)]
+    serve_metrics(settings.metrics.worker_port, addr=settings.metrics.host, ready=readiness(checks))
     _start_heartbeat()
     argv = [
         "worker",
@@ -439,6 +447,42 @@ def commitments(
             f"\t{txn.state.value}\t{len(txn.instances)}\t{committed}\t{latency}\t{txn.detail}"
             f"\t{txn.attempt}\t{follow_up}"
         )
+
+
+@app.command()
+def status(config: ConfigOption = None) -> None:
+    """At a glance: database, broker, spool, model bundles (what /readyz checks), and the jobs.
+
+    Exit code 1 if anything is not ready.
+    """
+    settings = _settings(config)
+    from service.db import Database
+    from service.health import model_bundles_check, process_checks
+    from service.observe import ServiceStateCollector
+    from service.storage import Spool
+
+    try:
+        db = Database(settings.database_url, migrate=False)
+    except Exception as exc:
+        typer.echo(f"database\tPROBLEM\t{type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from exc
+    names = ["database", "broker", "spool", "models"]
+    problems = 0
+    for name, check in zip(names, [*process_checks(settings, db), model_bundles_check(settings)], strict=True):
+        problem = check()
+        problems += bool(problem)
+        typer.echo(f"{name}\t{'PROBLEM' if problem else 'ok'}\t{problem}".rstrip())
+    if not problems:
+        from service.db import JobStore
+
+        collector = ServiceStateCollector(JobStore(db), Spool(settings.spool_dir),
+                                          missing_result_after_s=settings.metrics.missing_result_after_s)
+        for family in collector.collect():
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sample.labels.items())
+                typer.echo(f"{sample.name}{'{' + labels + '}' if labels else ''}\t{sample.value:g}")
+    db.dispose()
+    raise typer.Exit(1 if problems else 0)
 
 
 @app.command()

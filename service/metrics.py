@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    generate_latest,
     multiprocess,
-    start_http_server,
 )
 
 STUDY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -68,21 +73,54 @@ COMMITMENT_REQUESTS = Counter(
 )
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
-    """Expose /metrics on ``port`` (no-op when 0).
+Readiness = Callable[[], list[str]]
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0", ready: Readiness | None = None) -> None:
+    """Expose /metrics, /healthz (liveness) and /readyz (readiness) on ``port`` (no-op when 0).
 
     In a prefork worker the tasks run in child processes; with
     ``PROMETHEUS_MULTIPROC_DIR`` set (by ``strokeseg worker`` before anything
     imports this module) the parent serves the children's aggregate.
+    ``/readyz`` answers 200 when ``ready()`` lists no problem, else 503 with the problems,
+    one per line (no identifiers in them: they are read by probes and people).
     """
     if not port:
         return
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        start_http_server(port, addr=addr, registry=registry)
     else:
-        start_http_server(port, addr=addr)
+        registry = REGISTRY
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            elif path == "/readyz":
+                try:
+                    problems = ready() if ready is not None else []
+                except Exception as exc:  # a check that crashes is a problem, not a dead server
+                    problems = [f"readiness check failed: {type(exc).__name__}"]
+                body = ("ready\n" if not problems else "\n".join(problems) + "\n").encode()
+                self._send(503 if problems else 200, body, "text/plain; charset=utf-8")
+            else:
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:  # probes every few seconds: not for the log
+            return
+
+    server = ThreadingHTTPServer((addr, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
 
 
 def mark_process_dead(pid: int) -> None:
