@@ -209,6 +209,8 @@ def test_every_rendered_manifest_validates(
 ) -> None:
     versions = _kubernetes_versions(kubernetes_validate)
     for manifest in manifests:
+        if manifest["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # Prometheus Operator CRDs: checked by test_monitoring_objects_ship_the_tested_rules
         for version in versions:
             try:
                 kubernetes_validate.validate(manifest, version, strict=True)
@@ -496,3 +498,31 @@ def test_network_policy_limits_dicom_and_metrics_to_the_listed_peers(
         "kubernetes.io/metadata.name": "monitoring"
     }
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "strokeseg"
+
+
+
+def test_monitoring_objects_ship_the_tested_rules_and_dashboard(
+    embedded: list[Manifest], split: list[Manifest]
+) -> None:
+    """The PrometheusRule holds exactly the rules promtool tests; the dashboard ConfigMap the JSON
+    Prometheus is queried with (tests/test_ops.py); the monitors scrape ports that exist."""
+    import json
+
+    assert not [m for m in embedded if m["apiVersion"].startswith("monitoring.coreos.com/")]  # opt-in
+    (rule,) = _of_kind(split, "PrometheusRule")
+    rules_file = REPO / "deploy" / "prometheus" / "strokeseg-alerts.yml"
+    assert rule["spec"] == yaml.safe_load(rules_file.read_text())
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (monitor,) = _of_kind(split, "ServiceMonitor")
+    service = _named(split, "Service", "strokeseg-dicom")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    (pods,) = _of_kind(split, "PodMonitor")
+    worker = _deployment(split, "worker")
+    assert pods["spec"]["selector"]["matchLabels"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert pods["spec"]["podMetricsEndpoints"][0]["port"] in _ports(container)
+    dashboard = _named(split, "ConfigMap", "strokeseg-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(dashboard["data"]["strokeseg.json"])
+    assert shipped == json.loads((REPO / "deploy" / "grafana" / "dashboards" / "strokeseg.json").read_text())
