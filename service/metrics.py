@@ -36,6 +36,18 @@ RESULT_LATENCY_SECONDS = Histogram(
     ["destination"],
     buckets=(2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
 )
+COMMITTED_LATENCY_SECONDS = Histogram(
+    "strokeseg_committed_latency_seconds",
+    "From the study's last received image to the destination's Storage Commitment report "
+    "that all its results are committed",
+    ["destination"],
+    buckets=(2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
+)
+ACTIVE_ASSOCIATIONS = Gauge(
+    "strokeseg_active_associations",
+    "DICOM associations open on the SCP now (scanners, PACS sending reports)",
+    multiprocess_mode="livesum",
+)
 WORKER_HEARTBEAT = Gauge(
     "strokeseg_worker_heartbeat_timestamp_seconds",
     "Unix time of the worker's last heartbeat (every 15 s while it runs)",

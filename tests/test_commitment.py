@@ -30,6 +30,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from prometheus_client import REGISTRY
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
@@ -219,6 +220,8 @@ def test_store_then_commit_on_one_association(
     job_id = _new_job(db)
     request = CommitmentRequest.for_objects(results)
     uid = request.transaction_uid
+    latency_count = {"destination": destination.name}
+    observed_before = REGISTRY.get_sample_value("strokeseg_committed_latency_seconds_count", latency_count) or 0
 
     ae = AE(ae_title=OUR_AE)
     for sop_class in sorted({o.sop_class_uid for o in results}):
@@ -259,6 +262,10 @@ def test_store_then_commit_on_one_association(
     stored = orthanc.sop_instance_uids()
     assert {o.sop_instance_uid for o in results} <= stored
     assert all(orthanc.has_instance(o.sop_instance_uid) for o in results)
+
+    # The report that made the transaction committed was timed from the study's last image.
+    assert REGISTRY.get_sample_value(
+        "strokeseg_committed_latency_seconds_count", latency_count) == observed_before + 1
 
     latency = report_clock.arrived[uid] - sent
     record_property("n_action_to_n_event_report_s", round(latency, 3))
@@ -585,6 +592,35 @@ def test_state_survives_restart_and_a_late_report_counts(db_url: str) -> None:
         assert store.instances_to_resend() == []
     finally:
         reopened.dispose()
+
+
+def test_the_report_that_commits_carries_the_study_arrival_once(db_url: str) -> None:
+    """The committed-latency clock: only the report that makes a transaction ``committed`` ends
+    it (a peer re-sending its report must not count twice), timed from the study's last image."""
+    db = Database(db_url)
+    try:
+        job_id = _new_job(db)
+        summary = JobStore(db).job(job_id)
+        assert summary is not None
+        received = JobStore(db).last_received_at(summary.study_instance_uid)
+        assert received is not None
+        store = CommitmentStore(db)
+        refs = _refs(2)
+        committed = [(r.sop_class_uid, r.sop_instance_uid) for r in refs]
+        partial, complete = new_transaction_uid(), new_transaction_uid()
+        store.record_request(partial, refs, destination="pacs", job_id=job_id)
+        first = store.apply_report(partial, committed=committed[:1], failed=[])
+        assert first is not None and first.state is CommitmentState.PARTIALLY_FAILED
+        assert first.newly_committed_study_received_at is None
+        store.record_request(complete, refs, destination="pacs", job_id=job_id)
+        outcome = store.apply_report(complete, committed=committed, failed=[])
+        assert outcome is not None and outcome.destination == "pacs"
+        assert outcome.newly_committed_study_received_at == received
+        again = store.apply_report(complete, committed=committed, failed=[])
+        assert again is not None and again.state is CommitmentState.COMMITTED
+        assert again.newly_committed_study_received_at is None
+    finally:
+        db.dispose()
 
 
 def test_report_is_the_final_word_on_its_transaction(db_url: str) -> None:

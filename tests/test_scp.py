@@ -329,3 +329,33 @@ def test_wrong_called_ae_is_rejected(running: _Running) -> None:
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", running.port, ae_title="SOMEONE_ELSE")
     assert not assoc.is_established
+
+
+def test_active_associations_gauge_follows_open_connections(running: _Running) -> None:
+    """Two associations open -> 2; one released, one aborted -> back to 0 (counted from the
+    transport's close, so an abort or a dropped peer cannot leave the gauge high)."""
+    import time
+
+    from prometheus_client import REGISTRY
+
+    def gauge() -> float:
+        return REGISTRY.get_sample_value("strokeseg_active_associations") or 0.0
+
+    def settles_at(value: float) -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if gauge() == value:
+                return True
+            time.sleep(0.02)
+        return False
+
+    ae = AE(ae_title="MRI1")
+    ae.add_requested_context(Verification)
+    first = ae.associate("127.0.0.1", running.port, ae_title="STROKESEG")
+    second = ae.associate("127.0.0.1", running.port, ae_title="STROKESEG")
+    assert first.is_established and second.is_established
+    assert settles_at(2.0), gauge()
+    first.release()
+    assert settles_at(1.0), gauge()
+    second.abort()
+    assert settles_at(0.0), gauge()

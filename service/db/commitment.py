@@ -51,7 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from service.backoff import backoff_delay_s
-from service.db.models import UID, Base, utcnow
+from service.db.models import UID, Base, Job, Study, utcnow
 from service.db.session import Database
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,10 @@ class ReportOutcome:
     failed: int
     #: Instances the report named that the transaction did not reference.
     unmatched: int
+    destination: str = ""
+    #: The study's last received image, when this report is the one that made the
+    #: transaction ``committed`` (the end of the clinical "committed" latency); else None.
+    newly_committed_study_received_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,7 +567,17 @@ class CommitmentStore:
                 + (f", {unmatched} unknown instance(s) in the report" if unmatched else "")
                 + (" (late report after time-out)" if previous == CommitmentState.TIMED_OUT.value else "")
             )
-        return ReportOutcome(transaction_uid, state, n_committed, n_failed, unmatched)
+            received_at = None
+            if state is CommitmentState.COMMITTED and previous != CommitmentState.COMMITTED.value:
+                received_at = s.scalar(
+                    select(Study.last_received_at)
+                    .join(Job, Job.study_instance_uid == Study.study_instance_uid)
+                    .where(Job.id == txn.job_id)
+                )
+            destination = txn.destination
+        return ReportOutcome(
+            transaction_uid, state, n_committed, n_failed, unmatched, destination, received_at
+        )
 
     # -- sweep ----------------------------------------------------------------------------
     def flag_timed_out(self, older_than_s: float) -> list[str]:

@@ -27,7 +27,9 @@ from pynetdicom import AE, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
+from service import metrics
 from service.db.commitment import CommitmentStore
+from service.db.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,10 @@ class CommitmentReportHandler:
                 peer, transaction_uid, extra=extra,
             )
             return INVALID_ARGUMENT_VALUE
+        if outcome.newly_committed_study_received_at is not None:
+            metrics.COMMITTED_LATENCY_SECONDS.labels(destination=outcome.destination).observe(
+                max(0.0, (utcnow() - outcome.newly_committed_study_received_at).total_seconds())
+            )
         log_fn = log.info if outcome.failed == 0 else log.warning
         log_fn(
             "storage commitment %s reported by %s: %s (%d committed, %d failed%s)",

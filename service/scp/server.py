@@ -219,7 +219,13 @@ class StorageSCP:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, StoreHandler(spool, store, describe, min_free_bytes)),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
+        #: Accepted associations whose connection is still open (the active-associations gauge).
+        #: Counted from the transport's close, which fires however the association ends
+        #: (release, abort, network drop, our own time-out), so the gauge cannot drift.
+        self._open_associations: set[int] = set()
         if commitments is not None:
             # Storage Commitment reports come back on a new association on which
             # the PACS proposes the SCP role; accept it and record the report.
@@ -228,6 +234,7 @@ class StorageSCP:
         self._tls_server: Any = None
         self.tls = tls if tls is not None and tls.enabled else None
         self._lock = threading.Lock()
+        self._lock_open = threading.Lock()
         self.allowed_networks = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
 
     def _verify_peer(self, _request: Any, client_address: Any) -> bool:
@@ -251,6 +258,16 @@ class StorageSCP:
         calling = str(event.assoc.requestor.ae_title).strip()
         log.warning("association from AE %s rejected", calling)
         metrics.ASSOCIATIONS_REJECTED.labels(reason="association rejected").inc()
+
+    def _on_accepted(self, event: Any) -> None:
+        with self._lock_open:
+            self._open_associations.add(id(event.assoc))
+            metrics.ACTIVE_ASSOCIATIONS.set(len(self._open_associations))
+
+    def _on_connection_closed(self, event: Any) -> None:
+        with self._lock_open:
+            self._open_associations.discard(id(event.assoc))
+            metrics.ACTIVE_ASSOCIATIONS.set(len(self._open_associations))
 
     def start(self) -> None:
         """Listen on scp.port (unless TLS-only) and, with TLS on, on scp.tls.port."""
