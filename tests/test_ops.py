@@ -172,3 +172,62 @@ def test_a_real_prometheus_returns_data_for_every_dashboard_and_rule_query(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_with_no_worker_a_study_raises_the_watchdog_and_the_missing_result_alert_fires(
+    tmp_path: Path, phantom_cases: list[Path]
+) -> None:
+    """The drill ops need to trust: the worker is stopped (split mode, only the SCP runs), a study
+    arrives, and the missing-result watchdog rises and its alert fires in a real Prometheus.
+
+    The rules are the shipped file with only StrokesegMissingResult's ``for:`` shortened from
+    5m to 1s (promtool's unit test covers the 5 minutes), and the watchdog set to 3 s.
+    """
+    import uuid
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus is not installed (Debian package prometheus; scripts/test.sh installs it)")
+    rules = yaml.safe_load(RULES.read_text())
+    (missing_rule,) = [r for g in rules["groups"] for r in g["rules"] if r["alert"] == "StrokesegMissingResult"]
+    assert missing_rule["for"] == "5m"
+    missing_rule["for"] = "1s"
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    port, scp_metrics, prom_port = free_port(), free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(tmp_path / "rules.yml")],
+        "scrape_configs": [{"job_name": "strokeseg", "static_configs": [
+            {"targets": [f"127.0.0.1:{scp_metrics}"]}]}],
+    }))
+    server = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        config = write_config(
+            tmp_path / "scp.yaml", scp_port=port, spool=tmp_path / "spool", destinations=[],
+            completion_timeout_s=1.0, broker_url="redis://127.0.0.1:6379/12",
+            worker={"queue": f"no-worker-{uuid.uuid4().hex[:8]}"},
+            metrics={"scp_port": scp_metrics, "missing_result_after_s": 3.0},
+        )
+        with Strokeseg("scp", config) as scp:
+            wait_for(lambda: echo_ok(port), 60, "the SCP to start")
+            wait_for(lambda: _query(prom_port, 'up{job="strokeseg"} == 1'), 60, "Prometheus scraping the SCP")
+            assert _query(prom_port, "strokeseg_missing_results == 0"), "no study yet: nothing missing"
+            storescu(port, phantom_cases[0] / "dicom")
+            wait_for(lambda: _query(prom_port, 'strokeseg_jobs{state="queued"} > 0'), 60,
+                     "the study queued, with no worker to take it")
+            wait_for(lambda: _query(prom_port, "strokeseg_missing_results > 0"), 60,
+                     "the missing-result watchdog to rise")
+            wait_for(lambda: _query(prom_port, 'ALERTS{alertname="StrokesegMissingResult",alertstate="firing"}'),
+                     60, "StrokesegMissingResult firing")
+            worker_down = _query(prom_port, 'ALERTS{alertname="StrokesegWorkerDown"}')
+            assert worker_down, "no worker heartbeat at all: WorkerDown is at least pending"
+            assert scp.proc is not None and scp.proc.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
