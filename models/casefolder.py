@@ -105,7 +105,7 @@ def truth_mask(case: Path, dwi: ImageVolume) -> npt.NDArray[np.bool_]:
         return mask.astype(bool)
     import SimpleITK as sitk
 
-    from service.intake.study import as_sitk
+    from service.imaging import as_sitk
 
     image = sitk.ReadImage(str(path))
     if image.GetDimension() != 3:

@@ -57,6 +57,6 @@ echo "== $(.venv/bin/helm version --short)"
 echo "== ruff"
 .venv/bin/python -m ruff check service models tests
 echo "== mypy"
-.venv/bin/python -m mypy service
+.venv/bin/python -m mypy service models
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@"

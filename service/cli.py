@@ -19,8 +19,9 @@ from service.config import Settings, load_settings
 from service.errors import ConfigError, StrokesegError, StudyRefused
 
 if TYPE_CHECKING:
-    from service.db import DestinationDelivery, JobSummary
+    from service.db import Database, DestinationDelivery, JobSummary
     from service.db.commitment import DestinationCommitment
+    from service.receiver import Receiver
 
 app = typer.Typer(
     help="strokeseg: acute ischemic stroke lesion segmentation on diffusion MRI, DICOM in, "
@@ -41,7 +42,7 @@ ConfigOption = Annotated[
     ),
 ]
 
-log = logging.getLogger("strokeseg")
+log = logging.getLogger("service.cli")  # not __name__: run as `python -m service.cli` it is __main__
 
 
 def _setup_logging(level: str) -> None:
@@ -69,91 +70,12 @@ def _settings(config: Path | None) -> Settings:
     return settings
 
 
-class _ScpProcess:
-    """SCP + study assembler (+ metrics) in this process."""
+def _receiver(settings: Settings, *, stale_job_after_s: float | None = None) -> Receiver:
+    """The SCP process (service.receiver), handing complete studies to the Celery broker."""
+    from service.receiver import Receiver
+    from service.worker.app import dispatcher
 
-    def __init__(self, settings: Settings, *, stale_job_after_s: float | None = None) -> None:
-        from service.assemble import StudyAssembler
-        from service.db import Database, JobStore
-        from service.db.commitment import CommitmentStore
-        from service.deliver.followup import CommitmentFollowUp
-        from service.intake import signature_of
-        from service.metrics import serve_metrics
-        from service.retention import remove_orphans, sweep
-        from service.scp import StorageSCP
-        from service.scp.commitment import report_handlers
-        from service.storage import Spool
-        from service.worker.app import dispatcher
-
-        self.db = Database(settings.database_url, lock_timeout_s=settings.database_lock_timeout_s)
-        store = JobStore(self.db)
-        spool = Spool(settings.spool_dir)
-        commitments = CommitmentStore(self.db)
-        self.scp = StorageSCP(
-            ae_title=settings.scp.ae_title,
-            host=settings.scp.host,
-            port=settings.scp.port,
-            spool=spool,
-            store=store,
-            allowed_calling_aets=settings.scp.allowed_calling_aets,
-            max_associations=settings.scp.max_associations,
-            max_pdu_size=settings.scp.max_pdu_size,
-            commitments=commitments,
-            describe=signature_of,
-            min_free_bytes=int(settings.scp.min_free_mb * 2**20),
-            allowed_networks=settings.scp.allowed_networks,
-            tls=settings.scp.tls,
-        )
-        self.assembler = StudyAssembler(
-            store,
-            dispatcher(settings),
-            completion_timeout_s=settings.study.completion_timeout_s,
-            incomplete_extra_wait_s=settings.study.incomplete_extra_wait_s,
-            lost_dispatch_after_s=settings.worker.lost_dispatch_after_s,
-            stale_job_after_s=(
-                settings.study.stale_job_after_s if stale_job_after_s is None else stale_job_after_s
-            ),
-            early_completion_grace_s=(
-                settings.study.early_completion_grace_s if settings.study.early_completion else None
-            ),
-            commitments=commitments,
-            commitment_timeout_s=settings.delivery.commitment_timeout_s,
-            follow_up=CommitmentFollowUp(
-                commitments,
-                store,
-                settings.destinations,
-                calling_ae_title=settings.scp.ae_title,
-                max_attempts=settings.delivery.commitment_max_attempts,
-                retry_initial_s=settings.delivery.retry_initial_s,
-                retry_max_interval_s=settings.delivery.retry_max_interval_s,
-                evt_handlers=report_handlers(commitments),
-            ).tick,
-            retention=(
-                (lambda: (sweep(store, commitments, spool, settings.retention), remove_orphans(store, spool)),
-                 settings.retention.sweep_every_s)
-                if settings.retention.sweep_every_s > 0 else None
-            ),
-        )
-        if settings.metrics.scp_port:
-            from prometheus_client import REGISTRY
-
-            from service.observe import ServiceStateCollector
-
-            REGISTRY.register(ServiceStateCollector(
-                store, spool, missing_result_after_s=settings.metrics.missing_result_after_s))
-        from service.health import process_checks, readiness
-
-        serve_metrics(settings.metrics.scp_port, addr=settings.metrics.host,
-                      ready=readiness(process_checks(settings, self.db)))
-
-    def start(self) -> None:
-        self.scp.start()
-        self.assembler.start()
-
-    def stop(self) -> None:
-        self.scp.stop()
-        self.assembler.stop()
-        self.db.dispose()
+    return Receiver(settings, dispatcher(settings), stale_job_after_s=stale_job_after_s)
 
 
 def _wait_for_signal(extra_check: threading.Event | None = None) -> None:
@@ -178,7 +100,7 @@ def serve(config: ConfigOption = None) -> None:
     settings = _settings(config)
     from service.worker.app import ensure_queue
 
-    scp = _ScpProcess(settings, stale_job_after_s=0.0)  # our own worker is not running yet
+    scp = _receiver(settings, stale_job_after_s=0.0)  # our own worker is not running yet
     ensure_queue(settings)
     from service.supervise import WorkerSupervisor
 
@@ -206,7 +128,7 @@ def scp(config: ConfigOption = None) -> None:
     settings = _settings(config)
     if settings.embedded_broker:
         log.warning("scp runs with the embedded broker %s; workers must share this host", settings.broker_url)
-    process = _ScpProcess(settings)
+    process = _receiver(settings)
     process.start()
     try:
         _wait_for_signal()
@@ -387,6 +309,26 @@ def _validity_column(job: JobSummary) -> str:
     return job.validity or "-"
 
 
+def _read_only_database(settings: Settings) -> Database:
+    """The database for a command that only reads: never migrated here; exit 2 with what to
+    run when its schema is not the one this code needs."""
+    from service.db import Database
+    from service.db.session import schema_behind
+
+    db = Database(settings.database_url, migrate=False)
+    try:
+        problem = schema_behind(db.engine)
+    except Exception as exc:
+        db.dispose()
+        typer.echo(f"error: cannot read the database ({type(exc).__name__}: {exc})", err=True)
+        raise typer.Exit(2) from exc
+    if problem is not None:
+        db.dispose()
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
+    return db
+
+
 @app.command()
 def jobs(
     config: ConfigOption = None,
@@ -396,10 +338,10 @@ def jobs(
     results are stored and committed (Storage Commitment: committed / pending / failed + reason),
     and whether the result lies inside the model's validated range (within / OUTSIDE: reasons)."""
     settings = _settings(config)
-    from service.db import Database, JobStore
+    from service.db import JobStore
     from service.db.commitment import CommitmentStore
 
-    db = Database(settings.database_url)
+    db = _read_only_database(settings)
     store = JobStore(db)
     listed = store.jobs(limit=limit)
     ids = [job.id for job in listed]
@@ -430,10 +372,9 @@ def commitments(
     """List Storage Commitment transactions: state, destination, instances, report latency,
     attempt (re-requests count up) and what the follow-up did (re-requested / gave_up + reason)."""
     settings = _settings(config)
-    from service.db import Database
     from service.db.commitment import CommitmentStore
 
-    store = CommitmentStore(Database(settings.database_url))
+    store = CommitmentStore(_read_only_database(settings))
     typer.echo(
         "transaction_uid\tjob\tdestination\tstate\tinstances\tcommitted\treport_s\tdetail"
         "\tattempt\tfollow_up"

@@ -13,6 +13,10 @@ Like every handler of ours, :class:`CommitmentReportHandler` never raises: it
 records the report and answers a DIMSE status.  An unknown transaction or a
 malformed report is answered with a failure status so the peer's operator
 sees it; a database problem with Processing Failure so the peer may retry.
+
+A shared leaf, not part of :mod:`service.scp`: the SCP binds these handlers to its
+listener, and the worker binds them to the associations it opens to a PACS (a peer may
+report on the same association), so neither side imports the other.
 """
 
 from __future__ import annotations

@@ -18,6 +18,49 @@ from pydicom.dataset import Dataset
 
 Vector3 = tuple[float, float, float]
 
+#: Diffusion images with b >= this (s/mm2) are the "high-b" DWI a lesion is segmented on;
+#: below it an image is a b0/low-b reference (ADC from the pair, T2 shine-through checks).
+HIGH_B_MIN = 500.0
+
+
+class ImageRole(enum.StrEnum):
+    """What an image contributes to lesion segmentation."""
+
+    DWI = "dwi"  # diffusion-weighted, trace/isotropic, b > 0
+    B0 = "b0"  # diffusion sequence, b = 0
+    DIRECTIONAL = "directional"  # a single gradient direction, not a trace
+    ADC = "adc"
+    OTHER = "other"
+
+    @classmethod
+    def parse(cls, value: object) -> ImageRole:
+        """A stored or given role; an unknown or empty one is ``OTHER``."""
+        if isinstance(value, ImageRole):
+            return value
+        text = str(value or "")
+        return cls(text) if text in cls._value2member_map_ else cls.OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSignature:
+    """What one received instance contributes to its study, read from its header when it
+    arrives (by intake) and kept with it (by the database), so the assembler can judge a
+    study's completeness without opening a file.
+
+    ``role`` is :class:`ImageRole` (a stored string is accepted and converted; an unknown or
+    empty one is ``OTHER``).
+    """
+
+    series_instance_uid: str
+    role: ImageRole = ImageRole.OTHER
+    b_value: float | None = None
+    slice_position: float | None = None  # mm along the slice normal (classic images)
+    frames: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, ImageRole):
+            object.__setattr__(self, "role", ImageRole.parse(self.role))
+
 
 class JobState(enum.StrEnum):
     """Life cycle of one processing job for one study.

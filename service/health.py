@@ -33,7 +33,7 @@ def database_check(db: Database) -> Check:
 
 def broker_check(broker_url: str, timeout_s: float = 3.0) -> Check:
     def check() -> str:
-        from kombu import Connection
+        from kombu.connection import Connection
 
         try:
             with Connection(broker_url, connect_timeout=timeout_s) as conn:

@@ -18,8 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from service.db import JobStore
-from service.db.commitment import CommitmentTransaction
-from service.db.models import Job, utcnow
+from service.db.models import CommitmentTransaction, Job, utcnow
 from service.domain import JobState
 from service.storage import Spool
 

@@ -24,6 +24,7 @@ from pydicom import dcmread
 from service import metrics
 from service.assess import Assessment, AssessOptions, RestrictionLimits, ValidityLimits, assess
 from service.backoff import backoff_delay_s
+from service.commitment_reports import report_handlers
 from service.config import AssessSettings, DeriveSettings, Destination, Settings
 from service.db import Database, JobStore, JobSummary, validity_fields
 from service.db.commitment import CommitmentStore
@@ -32,8 +33,12 @@ from service.deliver import StoreOutcome, record_store_attempt, store_objects
 from service.deliver.commitment import CommitmentRequest, request_commitment
 from service.derive import (
     AlgorithmInfo,
+    DerivationSources,
+    DeriveOptions,
     GridGeometry,
     LesionFindings,
+    LesionMask,
+    OverlayOptions,
     compute_lesion_findings,
     write_results,
 )
@@ -54,7 +59,6 @@ from service.errors import (
 from service.inference import LoadedModel, ModelRouter, segment_lesion
 from service.intake import load_study
 from service.preprocess import HARMONISING_PROFILES, ProfileOptions, brain_mask
-from service.scp.commitment import report_handlers
 from service.storage import Spool, atomic_write
 
 log = logging.getLogger(__name__)
@@ -151,19 +155,16 @@ def segment_files(
             core_region=segmentation.mask if derive.core_scope == "lesion" else None,
         )
         objects = write_results(
-            [frame.path for frame in study.dwi_sources],
-            segmentation.mask,
-            segmentation.lesion_volume_ml,
+            DerivationSources.from_study(study),
+            LesionMask.from_segmentation(segmentation),
+            findings,
             algorithm_of(model),
             out_dir,
-            findings=findings,
-            core_volume_cutoffs_ml=derive.core_volume_cutoffs_ml,
-            overlay=overlay,
-            overlay_label=derive.overlay.label,
-            dwi_voxels=study.dwi.voxels,
-            sources=study.dwi_sources,
-            dwi=study.dwi,
-            previous_reports=previous_reports,
+            DeriveOptions(
+                core_volume_cutoffs_ml=derive.core_volume_cutoffs_ml,
+                overlay=OverlayOptions(label=derive.overlay.label) if overlay else None,
+                previous_reports=previous_reports,
+            ),
         )
     except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
         raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
@@ -431,45 +432,7 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> JobState | None:
     fields: dict[str, object] = {"result_dir": str(result_dir)}
     held: DomainOfValidity | None = None
     try:
-        objects = _existing_results(result_dir)
-        if objects:
-            log.info("job %d: re-delivering the results of its previous attempt", job_id, extra=extra)
-        else:
-            paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
-            model = ctx.router
-            previous = ctx.store.previous_result(job_id)
-            previous_reports = (
-                sorted(Path(previous.result_dir).glob("SR_*.dcm")) if previous and previous.result_dir else []
-            )
-            result = segment_files(
-                paths,
-                model,
-                result_dir,
-                ctx.settings.preprocess.profile_options(),
-                ctx.settings.derive,
-                overlay=ctx.settings.overlay_enabled,
-                previous_reports=previous_reports,
-                assess_settings=ctx.settings.assess,
-            )
-            objects = result.objects
-            _mark_results_complete(result_dir, objects)
-            fields.update(
-                lesion_volume_ml=result.segmentation.lesion_volume_ml,
-                model_name=result.segmentation.model_name,
-                model_version=result.segmentation.model_version,
-            )
-            if result.validity is not None:
-                fields.update(validity_fields(result.validity.status, result.validity.reasons))
-                if (
-                    not result.validity.within
-                    and ctx.settings.assess.outside_range_policy == "hold"
-                    and summary.released_at is None
-                ):
-                    held = result.validity
-            log.info(
-                "job %d: lesion volume %.2f mL (inference %.2f s)",
-                job_id, result.segmentation.lesion_volume_ml, result.inference_s, extra=extra,
-            )
+        objects, held = _produce_results(ctx, summary, result_dir, fields)
     except StudyRefused as exc:
         log.warning("job %d refused: %s", job_id, exc.reason, extra=extra)
         metrics.REFUSALS.labels(kind=type(exc).__name__).inc()
@@ -504,3 +467,53 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> JobState | None:
     for older in ctx.store.supersede(job_id):
         log.info("job %d: result superseded by job %d", older, job_id, extra=extra)
     return state
+
+
+def _produce_results(
+    ctx: WorkerContext, summary: JobSummary, result_dir: Path, fields: dict[str, object]
+) -> tuple[list[ResultObject], DomainOfValidity | None]:
+    """The job's result objects: those a previous attempt completed, or new ones.
+
+    Adds what the job row records (volume, model, validity) to ``fields``; returns the
+    validity too when the site policy holds this result back.
+    """
+    job_id, extra = summary.id, {"job_id": summary.id}
+    objects = _existing_results(result_dir)
+    if objects:
+        log.info("job %d: re-delivering the results of its previous attempt", job_id, extra=extra)
+        return objects, None
+    paths = [Path(p) for p in ctx.store.instance_paths(summary.study_instance_uid)]
+    previous = ctx.store.previous_result(job_id)
+    previous_reports = (
+        sorted(Path(previous.result_dir).glob("SR_*.dcm")) if previous and previous.result_dir else []
+    )
+    result = segment_files(
+        paths,
+        ctx.router,
+        result_dir,
+        ctx.settings.preprocess.profile_options(),
+        ctx.settings.derive,
+        overlay=ctx.settings.overlay_enabled,
+        previous_reports=previous_reports,
+        assess_settings=ctx.settings.assess,
+    )
+    _mark_results_complete(result_dir, result.objects)
+    fields.update(
+        lesion_volume_ml=result.segmentation.lesion_volume_ml,
+        model_name=result.segmentation.model_name,
+        model_version=result.segmentation.model_version,
+    )
+    held = None
+    if result.validity is not None:
+        fields.update(validity_fields(result.validity.status, result.validity.reasons))
+        if (
+            not result.validity.within
+            and ctx.settings.assess.outside_range_policy == "hold"
+            and summary.released_at is None
+        ):
+            held = result.validity
+    log.info(
+        "job %d: lesion volume %.2f mL (inference %.2f s)",
+        job_id, result.segmentation.lesion_volume_ml, result.inference_s, extra=extra,
+    )
+    return result.objects, held

@@ -11,7 +11,9 @@ import pytest
 from service.assemble import StudyAssembler, study_completeness, study_looks_complete
 from service.db import Database, InstanceSignature, JobStore
 from service.domain import JobState
+from service.handoff import HandOff
 from service.intake import signature_of
+from service.scheduler import Scheduler
 from service.scp import StorageSCP
 from service.storage import Spool
 from tests.conftest import free_port
@@ -61,11 +63,13 @@ def test_content_aware_completion_closes_before_idle_timeout(tmp_path: Path, pha
     dispatched: list[int] = []
     idle_timeout_s = 30.0
     assembler = StudyAssembler(
-        store, dispatched.append, completion_timeout_s=idle_timeout_s, stale_job_after_s=900,
-        poll_s=0.2, early_completion_grace_s=1.0,
+        store, HandOff(store, dispatched.append), completion_timeout_s=idle_timeout_s,
+        early_completion_grace_s=1.0,
     )
+    scheduler = Scheduler()
+    scheduler.every("study completion", 0.2, assembler.tick)
     scp.start()
-    assembler.start()
+    scheduler.start()
     try:
         # A study without ADC/b0 (only the b1000 images) must wait for the idle timeout.
         partial = tmp_path / "partial"
@@ -93,7 +97,7 @@ def test_content_aware_completion_closes_before_idle_timeout(tmp_path: Path, pha
         )
         assert closed_after_s < idle_timeout_s / 2
     finally:
-        assembler.stop()
+        scheduler.stop()
         scp.stop()
         db.dispose()
 
@@ -151,7 +155,7 @@ def test_incomplete_study_waits_once_more_at_the_idle_timeout(tmp_path: Path) ->
                 signature=sig,
             )
     dispatched: list[int] = []
-    assembler = StudyAssembler(store, dispatched.append, completion_timeout_s=0.5, stale_job_after_s=900,
+    assembler = StudyAssembler(store, HandOff(store, dispatched.append), completion_timeout_s=0.5,
                                incomplete_extra_wait_s=2.0)
     time.sleep(0.7)
     assembler.tick()

@@ -36,6 +36,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 
+from service.commitment_reports import (
+    INVALID_ARGUMENT_VALUE,
+    NO_SUCH_EVENT_TYPE,
+    SUCCESS,
+    add_storage_commitment,
+    report_handlers,
+)
 from service.config import Destination
 from service.db import Database, JobStore
 from service.db.commitment import (
@@ -56,16 +63,9 @@ from service.deliver.commitment import (
     request_commitment,
     send_commitment_request,
 )
-from service.derive import AlgorithmInfo, write_results
+from service.derive import AlgorithmInfo, DerivationSources, LesionMask, write_results
 from service.domain import ResultObject
 from service.scp import StorageSCP
-from service.scp.commitment import (
-    INVALID_ARGUMENT_VALUE,
-    NO_SUCH_EVENT_TYPE,
-    SUCCESS,
-    add_storage_commitment,
-    report_handlers,
-)
 from service.storage import Spool
 from tests.conftest import free_port
 from tests.dicom_factory import make_dwi_series, write_series
@@ -179,8 +179,8 @@ def results(workdir: Path, sources: list[ResultObject]) -> list[ResultObject]:
     mask[1:3, 10:14, 12:16] = True
     volume_ml = float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000.0
     return write_results(
-        [s.path for s in sources], mask, volume_ml, AlgorithmInfo("strokeseg-test", "0.1.0"),
-        workdir / "results",
+        DerivationSources.from_paths([s.path for s in sources]), LesionMask(mask, volume_ml), None,
+        AlgorithmInfo("strokeseg-test", "0.1.0"), workdir / "results",
     )
 
 

@@ -4,7 +4,7 @@ What is proven here:
 
 * against a real Orthanc, through the worker's own delivery code
   (``pipeline._deliver`` / ``_request_commitment``) and the study
-  assembler's follow-up thread: an instance deleted in Orthanc (REST) is
+  scheduler's follow-up lane: an instance deleted in Orthanc (REST) is
   reported failed (0x0112), recorded so, re-sent with the same SOP Instance
   UID, re-requested under a new Transaction UID (attempt 2, ``retry_of`` the
   first) and ends committed in our database and present in Orthanc;
@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from service.assemble import StudyAssembler
+from service.commitment_reports import add_storage_commitment, report_handlers
 from service.config import Destination, load_settings
 from service.db import Database, JobStore
 from service.db.commitment import (
@@ -54,11 +54,11 @@ from service.deliver.commitment import (
     request_commitment,
 )
 from service.deliver.followup import CommitmentFollowUp
-from service.derive import AlgorithmInfo, write_results
+from service.derive import AlgorithmInfo, DerivationSources, LesionMask, write_results
 from service.domain import JobState, ResultObject
 from service.pipeline import WorkerContext, _deliver, _request_commitment
+from service.scheduler import Scheduler
 from service.scp import StorageSCP
-from service.scp.commitment import add_storage_commitment, report_handlers
 from service.storage import Spool
 from tests.conftest import free_port
 from tests.dicom_factory import make_dwi_series, write_series
@@ -80,8 +80,8 @@ def _results(workdir: Path) -> tuple[list[Dataset], list[ResultObject]]:
     mask = np.zeros((4, 32, 32), dtype=bool)
     mask[1:3, 10:14, 12:16] = True
     objects = write_results(
-        paths, mask, float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000.0,
-        AlgorithmInfo("strokeseg-test", "0.1.0"), workdir / "results",
+        DerivationSources.from_paths(paths), LesionMask(mask, float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000.0),
+        None, AlgorithmInfo("strokeseg-test", "0.1.0"), workdir / "results",
     )
     return series, objects
 
@@ -264,7 +264,7 @@ def test_instance_deleted_in_orthanc_is_resent_rerequested_and_committed(
             }
             assert failed.attempt == 1 and failed.follow_up is FollowUp.NONE
 
-            # The assembler's follow-up thread, as `strokeseg scp` wires it.
+            # The scheduler's follow-up lane, as `strokeseg scp` wires it (service.receiver).
             follow_up = CommitmentFollowUp(
                 ctx.commitments, ctx.store, settings.destinations, calling_ae_title=OUR_AE,
                 max_attempts=settings.delivery.commitment_max_attempts,
@@ -272,11 +272,10 @@ def test_instance_deleted_in_orthanc_is_resent_rerequested_and_committed(
                 retry_max_interval_s=settings.delivery.retry_max_interval_s,
                 evt_handlers=report_handlers(ctx.commitments),
             )
-            assembler = StudyAssembler(
-                ctx.store, lambda job: None, completion_timeout_s=3600, stale_job_after_s=3600,
-                commitments=ctx.commitments, follow_up=follow_up.tick, follow_up_poll_s=0.1,
-            )
-            assembler.start()
+            scheduler = Scheduler()
+            scheduler.every("storage commitment follow-up", 0.1, follow_up.tick,
+                            lane="commitment-follow-up", first_after_s=0.1)
+            scheduler.start()
             try:
                 states_now = wait_for(
                     lambda: (s := ctx.commitments.destination_states([job_id])[job_id])
@@ -284,7 +283,7 @@ def test_instance_deleted_in_orthanc_is_resent_rerequested_and_committed(
                     20, "the re-sent SEG to be committed",
                 )
             finally:
-                assembler.stop()
+                scheduler.stop()
             latency = time.monotonic() - reported
 
             again = next(
@@ -448,7 +447,7 @@ def test_a_follow_up_cut_off_by_a_crash_is_finished_by_the_next_process(
         try:
             commitments = CommitmentStore(reopened)
             time.sleep(0.05)
-            assert commitments.flag_timed_out(older_than_s=0.01) == [crashed]  # the assembler's sweep
+            assert commitments.flag_timed_out(older_than_s=0.01) == [crashed]  # the scheduler's time-out sweep
             done = _run_until_settled(_follow_up(reopened, destination))
             chain = _chain(commitments, "scripted")
         finally:

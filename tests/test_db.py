@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -213,3 +214,75 @@ def test_migration_0007_matches_the_model_and_downgrades(
         assert JobStore(db).job(held).validity == ""  # type: ignore[union-attr]
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_orm_metadata_matches_the_head_migration_with_no_side_effect_import(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Every table the code maps is in service.db.models, and the head migration creates exactly
+    that schema. Run in a fresh interpreter that imports only the models module, so a table
+    registered on Base.metadata by some other import cannot make the comparison pass."""
+    import subprocess
+    import sys
+
+    url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "postgres_url")
+    Database(url).dispose()  # migrated to head
+    script = (
+        "import sys\n"
+        "from alembic.autogenerate import compare_metadata\n"
+        "from alembic.migration import MigrationContext\n"
+        "from sqlalchemy import create_engine\n"
+        "from service.db.models import Base\n"
+        "assert 'service.db.commitment' not in sys.modules\n"
+        "engine = create_engine(sys.argv[1])\n"
+        "with engine.connect() as conn:\n"
+        "    diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)\n"
+        "tables = sorted(Base.metadata.tables)\n"
+        "print(tables)\n"
+        "assert {'jobs', 'instances', 'studies', 'commitment_transactions', 'commitment_instances'} <= set(tables)\n"
+        "assert diffs == [], diffs\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_read_only_commands_do_not_migrate(tmp_path: Path) -> None:
+    """`strokeseg jobs` and `commitments` read; only `db-upgrade` (and the services) migrate. On a
+    database behind the code they say what to run instead of changing the schema."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import create_engine
+
+    db_file = tmp_path / "jobs.sqlite"
+    url = f"sqlite:///{db_file}"
+    cfg = alembic_config()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0006")
+    engine.dispose()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"spool_dir: {tmp_path / 'spool'}\ndatabase_url: {url}\n")
+
+    def revision() -> str:
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            value = str(conn.execute(text("SELECT version_num FROM alembic_version")).scalar())
+        engine.dispose()
+        return value
+
+    for command_name in ("jobs", "commitments"):
+        run = subprocess.run([sys.executable, "-m", "service.cli", command_name, "-c", str(config)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0, run.stdout
+        assert "strokeseg db-upgrade" in run.stderr, run.stderr
+        assert revision() == "0006"
+    run = subprocess.run([sys.executable, "-m", "service.cli", "db-upgrade", "-c", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert revision() != "0006"
+    run = subprocess.run([sys.executable, "-m", "service.cli", "jobs", "-c", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("id\tstate"), run.stderr

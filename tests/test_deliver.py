@@ -18,7 +18,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from service.config import load_settings
 from service.deliver import store_objects
-from service.derive import AlgorithmInfo, write_results
+from service.derive import (
+    AlgorithmInfo,
+    DerivationSources,
+    DeriveOptions,
+    LesionMask,
+    write_results,
+)
 from service.pipeline import WorkerContext, _deliver
 from tests.conftest import free_port
 from tests.dicom_factory import make_dwi_series, write_series
@@ -52,7 +58,13 @@ def test_refused_objects_are_recorded_with_their_status_code(tmp_path: Path, ref
     paths = write_series(series, tmp_path / "src")
     mask = np.zeros((6, 32, 32), dtype=bool)
     mask[2:4, 10:20, 10:20] = True
-    objects = write_results(paths, mask, float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000, AlgorithmInfo("m", "1"), tmp_path / "out")
+    objects = write_results(
+        DerivationSources.from_paths(paths),
+        LesionMask(mask, float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000),
+        None,
+        AlgorithmInfo("m", "1"),
+        tmp_path / "out",
+    )
 
     destination = {"name": "refuser", "ae_title": "REFUSER", "host": "127.0.0.1", "port": refusing_peer}
     settings = load_settings(spool_dir=tmp_path / "spool", destinations=[destination])
@@ -81,10 +93,16 @@ def test_a_new_result_version_references_its_predecessor_report(tmp_path: Path) 
     mask = np.zeros((6, 32, 32), dtype=bool)
     mask[2:4, 10:20, 10:20] = True
     volume = float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000
-    first = write_results(paths, mask, volume, AlgorithmInfo("m", "1"), tmp_path / "v1")
+    sources, segmentation = DerivationSources.from_paths(paths), LesionMask(mask, volume)
+    first = write_results(sources, segmentation, None, AlgorithmInfo("m", "1"), tmp_path / "v1")
     first_sr = next(o for o in first if o.kind == "SR")
     second = write_results(
-        paths, mask, volume, AlgorithmInfo("m", "2"), tmp_path / "v2", previous_reports=[first_sr.path]
+        sources,
+        segmentation,
+        None,
+        AlgorithmInfo("m", "2"),
+        tmp_path / "v2",
+        DeriveOptions(previous_reports=[first_sr.path]),
     )
     sr = pydicom.dcmread(next(o for o in second if o.kind == "SR").path)
     referenced = [

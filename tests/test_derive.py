@@ -28,8 +28,13 @@ from scipy import ndimage
 from service.derive import (
     CORE_VOLUME_CUTOFFS_ML,
     AlgorithmInfo,
+    DerivationSources,
+    DeriveOptions,
     GridGeometry,
     LesionFindings,
+    LesionMask,
+    OverlayOptions,
+    ResultUIDs,
     VolumeClass,
     build_lesion_seg,
     build_volume_report,
@@ -391,15 +396,19 @@ def test_write_results_writes_both_objects_atomically(
 
     def run() -> list[ResultObject]:
         return write_results(
-            source_paths,
-            _lesion_mask(),
-            4.25,
+            DerivationSources.from_paths(source_paths),
+            LesionMask(_lesion_mask(), 4.25),
+            None,
             ALGORITHM,
             out_dir,
-            seg_series_instance_uid=uids["seg_series_instance_uid"],
-            seg_sop_instance_uid=uids["seg_sop_instance_uid"],
-            sr_series_instance_uid=uids["sr_series_instance_uid"],
-            sr_sop_instance_uid=uids["sr_sop_instance_uid"],
+            DeriveOptions(
+                uids=ResultUIDs(
+                    seg_series_instance_uid=uids["seg_series_instance_uid"],
+                    seg_sop_instance_uid=uids["seg_sop_instance_uid"],
+                    sr_series_instance_uid=uids["sr_series_instance_uid"],
+                    sr_sop_instance_uid=uids["sr_sop_instance_uid"],
+                )
+            ),
         )
 
     results = run()
@@ -431,10 +440,20 @@ def test_write_results_refuses_mask_volume_disagreement(
 ) -> None:
     out_dir = tmp_path / "out"
     with pytest.raises(ValueError, match="must agree"):
-        write_results(source_paths, _lesion_mask(), 0.0, ALGORITHM, out_dir)
+        write_results(
+            DerivationSources.from_paths(source_paths),
+            LesionMask(_lesion_mask(), 0.0),
+            None,
+            ALGORITHM,
+            out_dir,
+        )
     with pytest.raises(ValueError, match="must agree"):
         write_results(
-            source_paths, np.zeros((N_SLICES, ROWS, COLUMNS), bool), 1.0, ALGORITHM, out_dir
+            DerivationSources.from_paths(source_paths),
+            LesionMask(np.zeros((N_SLICES, ROWS, COLUMNS), bool), 1.0),
+            None,
+            ALGORITHM,
+            out_dir,
         )
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
@@ -506,14 +525,12 @@ def test_outputs_pass_dciodvfy(variant: str, tmp_path: Path) -> None:
     volume_ml = float(mask.sum()) * 3.5 * 3.5 * 5.5 / 1000.0
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     results = write_results(
-        paths,
-        mask,
-        volume_ml,
+        DerivationSources.from_paths(paths),
+        LesionMask(mask, volume_ml),
+        _findings_for(headers, mask),
         PROFILED,
         tmp_path / "out",
-        findings=_findings_for(headers, mask),
-        core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
-        overlay=True,
+        DeriveOptions(core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML, overlay=OverlayOptions()),
     )
     seg, sr, *overlay = results
     # every SEG/SR; of the overlay the first image and those showing the lesion
@@ -1142,16 +1159,16 @@ def test_write_results_with_findings_and_overlay(
 
     def run() -> list[ResultObject]:
         return write_results(
-            source_paths,
-            mask,
-            findings.total_volume_ml,
+            DerivationSources.from_paths(source_paths),
+            LesionMask(mask, findings.total_volume_ml),
+            findings,
             PROFILED,
             out_dir,
-            findings=findings,
-            core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
-            overlay=True,
-            overlay_label="TEST SITE - RESEARCH ONLY",
-            **uids,  # type: ignore[arg-type]
+            DeriveOptions(
+                uids=ResultUIDs(**uids),
+                core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
+                overlay=OverlayOptions(label="TEST SITE - RESEARCH ONLY"),
+            ),
         )
 
     results = run()
@@ -1173,7 +1190,11 @@ def test_write_results_refuses_findings_of_another_mask(
     findings = _findings_for(headers, _multi_lesion_mask())
     with pytest.raises(ValueError, match="same mask"):
         write_results(
-            source_paths, _lesion_mask(), 1.0, ALGORITHM, tmp_path / "out", findings=findings
+            DerivationSources.from_paths(source_paths),
+            LesionMask(_lesion_mask(), 1.0),
+            findings,
+            ALGORITHM,
+            tmp_path / "out",
         )
     assert not (tmp_path / "out").exists()
 

@@ -5,7 +5,7 @@ One phantom is generated per module and re-encoded by
 and b1000 frames (``enhanced``, ``enhanced_classic_adc``) and as b0/b1000
 MOSAIC images (``siemens_mosaic``); intake reads each back and
 :func:`service.derive.write_results` writes the *truth* mask with
-``sources=study.dwi_sources, dwi=study.dwi``.  Every SEG frame must lie on
+``DerivationSources.from_study(study)``.  Every SEG frame must lie on
 the phantom's slice with the truth's pixels, reference its b1000 frame (or
 the mosaic), and the SR/overlay must reference the right objects; dciodvfy
 must find no Error.
@@ -14,7 +14,6 @@ must find no Error.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,7 +31,12 @@ from service.config import BUNDLED_MODEL_DIR
 from service.derive import (
     CORE_VOLUME_CUTOFFS_ML,
     AlgorithmInfo,
+    DerivationSources,
+    DeriveOptions,
     GridGeometry,
+    LesionMask,
+    OverlayOptions,
+    ResultUIDs,
     compute_lesion_findings,
     read_lesion_findings,
     read_lesion_volume_ml,
@@ -117,17 +121,18 @@ def written(
                 input_quality="phantom",
             )
             results = write_results(
-                [frame.path for frame in study.dwi_sources],
-                mask,
-                volume_ml,
+                DerivationSources.from_study(study),
+                LesionMask(mask, volume_ml),
+                findings,
                 ALGORITHM,
                 root / convention.value,
-                findings=findings,
-                core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
-                overlay=True,
-                overlay_series_instance_uid=stable_uid(convention.value, "overlay"),
-                sources=study.dwi_sources,
-                dwi=study.dwi,
+                DeriveOptions(
+                    uids=ResultUIDs(
+                        overlay_series_instance_uid=stable_uid(convention.value, "overlay")
+                    ),
+                    core_volume_cutoffs_ml=CORE_VOLUME_CUTOFFS_ML,
+                    overlay=OverlayOptions(),
+                ),
             )
             cache[convention] = Written(case, study, results, volume_ml)
         return cache[convention]
@@ -429,7 +434,9 @@ def test_wiring_mistakes_are_refused_before_anything_is_written(
     out = tmp_path / "out"
 
     def write(sources: Sequence[SourceFrame], dwi: ImageVolume | None) -> None:
-        write_results([], mask, volume_ml, ALGORITHM, out, sources=sources, dwi=dwi)
+        write_results(
+            DerivationSources(tuple(sources), dwi), LesionMask(mask, volume_ml), None, ALGORITHM, out
+        )
 
     with pytest.raises(ValueError, match="does not lie on slice"):
         write(enhanced.dwi_sources[::-1], enhanced.dwi)
@@ -442,16 +449,11 @@ def test_wiring_mistakes_are_refused_before_anything_is_written(
         write(enhanced.dwi_sources[:-1] + enhanced.dwi_sources[-2:-1], enhanced.dwi)
     with pytest.raises(ValueError, match="source of two slices"):
         write(mosaic.dwi_sources[:-1] + mosaic.dwi_sources[-2:-1], mosaic.dwi)
-    with pytest.raises(ValueError, match="source_paths must be the paths"):
-        write_results(
-            [Path("elsewhere.dcm")] * len(enhanced.dwi_sources),
-            mask,
-            volume_ml,
-            ALGORITHM,
-            out,
-            sources=enhanced.dwi_sources,
-            dwi=enhanced.dwi,
-        )
+    # There is no second list of paths to disagree with the frames any more (issue 13); the
+    # nearest mistake, frames pointing at another object's file, is refused instead.
+    with pytest.raises(ValueError, match="is another object"):
+        elsewhere = Path(mosaic.dwi_sources[0].path)
+        write([dataclasses.replace(f, path=elsewhere) for f in enhanced.dwi_sources], enhanced.dwi)
     assert not out.exists()
 
 
@@ -467,28 +469,25 @@ def test_classic_sources_given_as_frames_are_written_as_before(
     paths = [frame.path for frame in study.dwi_sources]
     seg_uid = stable_uid("classic", "seg")
     overlay_uid = stable_uid("classic", "overlay")
+    options = DeriveOptions(
+        uids=ResultUIDs(seg_sop_instance_uid=seg_uid, overlay_series_instance_uid=overlay_uid),
+        overlay=OverlayOptions(),
+    )
     by_frames = write_results(
-        paths,
-        mask,
-        volume_ml,
+        DerivationSources.from_study(study),
+        LesionMask(mask, volume_ml),
+        None,
         ALGORITHM,
         tmp_path / "frames",
-        overlay=True,
-        sources=study.dwi_sources,
-        dwi=study.dwi,
-        seg_sop_instance_uid=seg_uid,
-        overlay_series_instance_uid=overlay_uid,
+        options,
     )
     by_paths = write_results(
-        paths,
-        mask,
-        volume_ml,
+        DerivationSources.from_paths(paths, dwi=study.dwi),
+        LesionMask(mask, volume_ml),
+        None,
         ALGORITHM,
         tmp_path / "paths",
-        overlay=True,
-        dwi_voxels=study.dwi.voxels,
-        seg_sop_instance_uid=seg_uid,
-        overlay_series_instance_uid=overlay_uid,
+        options,
     )
 
     def frame_references(result: ResultObject) -> list[tuple[str, list[float]]]:
@@ -511,28 +510,11 @@ def test_classic_sources_given_as_frames_are_written_as_before(
 
 
 def _pipeline_with_sources() -> types.ModuleType:
-    """service.pipeline with the one-line change this derive stage asks for (see report)."""
-    path = Path(__file__).resolve().parent.parent / "service" / "pipeline.py"
-    text = path.read_text()
-    if "sources=study.dwi_sources" in text:
-        import service.pipeline
+    """service.pipeline, which passes the study's frames and DWI volume to derive
+    (``DerivationSources.from_study``) since issue 13."""
+    import service.pipeline
 
-        return service.pipeline
-    old = "            dwi_voxels=study.dwi.voxels,\n        )"
-    assert text.count(old) == 1
-    text = text.replace(
-        old,
-        "            dwi_voxels=study.dwi.voxels,\n"
-        "            sources=study.dwi_sources,\n"
-        "            dwi=study.dwi,\n        )",
-    )
-    module = types.ModuleType("_pipeline_with_sources")
-    sys.modules[module.__name__] = module
-    try:
-        exec(compile(text, str(path), "exec"), module.__dict__)
-    finally:
-        del sys.modules[module.__name__]
-    return module
+    return service.pipeline
 
 
 @pytest.mark.parametrize("convention", [ENHANCED, MOSAIC], ids=lambda c: c.value)

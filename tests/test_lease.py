@@ -10,11 +10,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from service.assemble import StudyAssembler
 from service.db import Database, JobStore
 from service.db.models import Job, utcnow
 from service.domain import JobState
+from service.handoff import HandOff
 from service.pipeline import LeaseKeeper
+from service.recovery import JobRecovery
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -103,18 +104,18 @@ def test_lease_keeper_notices_a_lost_lease(store: JobStore) -> None:
 def test_scheduler_recovers_dead_workers_and_lost_messages_while_running(store: JobStore) -> None:
     """The SCP's periodic recovery: no restart needed, each job handed over once per check."""
     dispatched: list[int] = []
-    assembler = StudyAssembler(store, dispatched.append, completion_timeout_s=60, stale_job_after_s=900,
-                               lost_dispatch_after_s=30, recovery_every_s=0.0)
+    recovery = JobRecovery(store, HandOff(store, dispatched.append), stale_job_after_s=900,
+                           lost_dispatch_after_s=30)
     crashed = _queued_job(store, "1.2.840.10")
     lost = _queued_job(store, "1.2.840.11")
     fresh = _queued_job(store, "1.2.840.12")
     assert store.claim(crashed, "worker-a", 60)
     _expire(store, crashed)
     _expire(store, lost, column="queued_at", ago_s=60)  # queued a minute ago, never taken
-    assert sorted(assembler.recover_stuck()) == sorted([crashed, lost])
+    assert sorted(recovery.recover_stuck()) == sorted([crashed, lost])
     assert sorted(dispatched) == sorted([crashed, lost]) and fresh not in dispatched
     assert store.job(crashed).state is JobState.QUEUED  # type: ignore[union-attr]
     # Handed over just now: not again at the next check, only after lost_dispatch_after_s.
-    assert assembler.recover_stuck() == []
+    assert recovery.recover_stuck() == []
     _expire(store, lost, column="dispatched_at", ago_s=60)
-    assert assembler.recover_stuck() == [lost]
+    assert recovery.recover_stuck() == [lost]

@@ -233,8 +233,8 @@ def test_nifti_truth_maps_onto_the_dwi_grid(tmp_path: Path) -> None:
     import SimpleITK as sitk
 
     from models.casefolder import dicom_files, truth_mask
+    from service.imaging import as_sitk
     from service.intake import load_study
-    from service.intake.study import as_sitk
 
     (case,) = write_phantom_cases(tmp_path / "cases", 1, seed=5)
     study = load_study(dicom_files(case))

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy import update
 
-import service.derive
+import service.derive.results
 import service.storage
 from service.config import load_settings
 from service.db.models import Job, utcnow
@@ -74,19 +74,19 @@ def test_disk_full_during_a_job_is_retried_not_final(
         ctx = WorkerContext.from_settings(load_settings(config))
         try:
             job_id = _receive_study(ctx, phantom_cases[0])
-            real = service.derive.save_atomically
+            real = service.derive.results.save_atomically
 
             def disk_full(*_: object, **__: object) -> Path:
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            monkeypatch.setattr(service.derive, "save_atomically", disk_full)
+            monkeypatch.setattr(service.derive.results, "save_atomically", disk_full)
             assert run_job(ctx, job_id) is JobState.FAILED
             summary = ctx.store.job(job_id)
             assert summary is not None and summary.next_attempt_at is not None
             assert summary.reason.startswith("temporary failure: No space left on device")
             assert _jobs(config)[str(job_id)][1] == "retrying"
 
-            monkeypatch.setattr(service.derive, "save_atomically", real)
+            monkeypatch.setattr(service.derive.results, "save_atomically", real)
             assert ctx.store.retry(job_id, "due automatic retry")
             assert run_job(ctx, job_id) is JobState.DELIVERED
             assert len(peer.received()) == 2
@@ -108,7 +108,7 @@ def test_a_crash_between_seg_and_sr_never_sends_the_seg_alone(
         ctx = WorkerContext.from_settings(load_settings(config))
         try:
             job_id = _receive_study(ctx, phantom_cases[0])
-            real = service.derive.save_atomically
+            real = service.derive.results.save_atomically
             written: list[Path] = []
 
             def crash_before_sr(ds: pydicom.Dataset, path: Path) -> Path:
@@ -117,7 +117,7 @@ def test_a_crash_between_seg_and_sr_never_sends_the_seg_alone(
                 written.append(real(ds, path))
                 return written[-1]
 
-            monkeypatch.setattr(service.derive, "save_atomically", crash_before_sr)
+            monkeypatch.setattr(service.derive.results, "save_atomically", crash_before_sr)
             with pytest.raises(_Crash):
                 run_job(ctx, job_id)
             (orphan_seg,) = written
@@ -127,7 +127,7 @@ def test_a_crash_between_seg_and_sr_never_sends_the_seg_alone(
             with ctx.db.session() as s:
                 s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
             assert ctx.store.requeue_expired_leases() == [job_id]
-            monkeypatch.setattr(service.derive, "save_atomically", real)
+            monkeypatch.setattr(service.derive.results, "save_atomically", real)
             assert run_job(ctx, job_id) is JobState.DELIVERED
             received = peer.received()
             assert sorted(str(ds.SOPClassUID) == SEG_UID for ds in received) == [False, True]

@@ -55,9 +55,8 @@ from scipy import ndimage as ndi
 
 from models.synth.anatomy import Anatomy, load_anatomy
 from models.synth.lesions import LesionClass, LesionField, LesionSite, LesionSpec, rasterise_lesions
-from service.domain import ImageVolume
+from service.domain import ImageRole, ImageVolume
 from service.intake import load_study
-from service.intake.classify import ImageRole
 from service.intake.planes import ImagePlane, planes_of, resolve_series_conventions
 from service.preprocess import brain_mask
 
@@ -141,7 +140,7 @@ def _mni_image(anatomy: Anatomy) -> sitk.Image:
 
 def register_mni(dwi: ImageVolume, anatomy: Anatomy | None = None) -> Registration:
     """Affine MNI -> subject registration on the high-b trace (a few seconds on 2 cores)."""
-    from service.intake.study import as_sitk
+    from service.imaging import as_sitk
 
     anatomy = anatomy or load_anatomy()
     fixed = sitk.Cast(as_sitk(dwi), sitk.sitkFloat32)

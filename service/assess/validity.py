@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +114,15 @@ def symmetric_fraction(mask: npt.NDArray[np.bool_], study: DiffusionStudy,
     return float(hits.sum()) / float(idx.shape[0])
 
 
+@dataclass
+class _Checks:
+    """What the checks of one result found so far (reasons make it outside the range)."""
+
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    measures: list[tuple[str, float]] = field(default_factory=list)
+
+
 def assess_validity(
     study: DiffusionStudy,
     segmentation: LesionSegmentation,
@@ -123,39 +132,68 @@ def assess_validity(
     harmonised: bool = False,
     adc_core_threshold: float = 620.0,
 ) -> DomainOfValidity:
-    """Check one result against ``limits``; ``harmonised`` says the network saw a b1000-equivalent."""
-    reasons: list[str] = []
-    notes: list[str] = []
-    measures: list[tuple[str, float]] = []
+    """Check one result against ``limits``; ``harmonised`` says the network saw a b1000-equivalent.
+
+    Three groups of checks: the acquisition (b-value, slice spacing, coverage), the signal
+    (SNR, ADC plausibility) and the pattern of the result (share of the brain, symmetry).
+    """
+    checks = _Checks()
     b = float(study.b_value)
+    threshold = _check_b_value(checks, b, limits, harmonised, adc_core_threshold)
+    _check_slices(checks, study, limits)
+    _check_signal(checks, study, brain, limits, adc_b_factor(b))
+    _check_pattern(checks, study, segmentation, brain, limits)
+    validity = DomainOfValidity(
+        reasons=tuple(checks.reasons), notes=tuple(checks.notes), b_value=b,
+        adc_core_threshold=threshold, measures=tuple(checks.measures),
+    )
+    if checks.reasons:
+        log.warning("result outside the validated range: %s", "; ".join(checks.reasons))
+    return validity
+
+
+def _check_b_value(
+    checks: _Checks, b: float, limits: ValidityLimits, harmonised: bool, adc_core_threshold: float
+) -> float:
+    """The b-value against the validated range; returns the ADC core threshold for this b."""
     lo, hi = limits.b_value_range
     if not lo <= b <= hi:
-        reasons.append(f"b={b:g} s/mm2 outside the validated {lo:g}-{hi:g}")
+        checks.reasons.append(f"b={b:g} s/mm2 outside the validated {lo:g}-{hi:g}")
     if harmonised and abs(b - REFERENCE_B_VALUE) > B1000_TOLERANCE:
-        notes.append(f"b={b:g} trace harmonised to a b=1000-equivalent (S0 exp(-1000 ADC))")
+        checks.notes.append(f"b={b:g} trace harmonised to a b=1000-equivalent (S0 exp(-1000 ADC))")
     factor = adc_b_factor(b)
     threshold = core_threshold_for_b(adc_core_threshold, b)
     if factor != 1.0:
-        notes.append(
+        checks.notes.append(
             f"ADC core threshold {threshold:.0f} (620 at b=1000, scaled x{factor:.3f} for b={b:g})"
         )
+    return threshold
 
+
+def _check_slices(checks: _Checks, study: DiffusionStudy, limits: ValidityLimits) -> None:
     spacing = float(study.dwi.slice_spacing)
     s_lo, s_hi = limits.slice_spacing_range_mm
-    measures.append(("slice_spacing_mm", spacing))
+    checks.measures.append(("slice_spacing_mm", spacing))
     if not s_lo <= spacing <= s_hi:
-        reasons.append(f"slice spacing {spacing:.1f} mm outside the validated {s_lo:g}-{s_hi:g} mm")
+        checks.reasons.append(f"slice spacing {spacing:.1f} mm outside the validated {s_lo:g}-{s_hi:g} mm")
     coverage = spacing * study.dwi.shape[0]
-    measures.append(("coverage_mm", coverage))
+    checks.measures.append(("coverage_mm", coverage))
     if coverage < limits.min_coverage_mm:
-        reasons.append(f"coverage {coverage:.0f} mm < {limits.min_coverage_mm:g} mm: brain not fully covered")
+        checks.reasons.append(
+            f"coverage {coverage:.0f} mm < {limits.min_coverage_mm:g} mm: brain not fully covered")
 
+
+def _check_signal(
+    checks: _Checks, study: DiffusionStudy, brain: npt.NDArray[np.bool_], limits: ValidityLimits,
+    factor: float,
+) -> None:
+    """SNR of the trace, and the brain's median ADC (scaled to the b-value) as a plausibility check."""
     snr = trace_snr(study.dwi.voxels, brain)
     if snr is not None:
-        measures.append(("snr", snr))
+        checks.measures.append(("snr", snr))
     if snr is None or snr < limits.min_snr:
         shown = "unknown" if snr is None else f"{snr:.1f}"
-        reasons.append(f"SNR {shown} < {limits.min_snr:g}")
+        checks.reasons.append(f"SNR {shown} < {limits.min_snr:g}")
 
     adc = study.adc.voxels
     with np.errstate(invalid="ignore"):
@@ -163,35 +201,34 @@ def assess_validity(
     a_lo, a_hi = (v * factor for v in limits.adc_median_range)
     median = float(np.median(adc[valid])) if valid.sum() >= 100 else None
     if median is not None:
-        measures.append(("brain_adc_median", median))
+        checks.measures.append(("brain_adc_median", median))
     if median is None or not a_lo <= median <= a_hi:
         shown = "unavailable" if median is None else f"{median:.0f}"
-        reasons.append(
+        checks.reasons.append(
             f"{study.adc_origin or 'ADC'} ADC brain median {shown} outside the plausible "
             f"{a_lo:.0f}-{a_hi:.0f} x1e-6 mm2/s"
         )
 
+
+def _check_pattern(
+    checks: _Checks, study: DiffusionStudy, segmentation: LesionSegmentation,
+    brain: npt.NDArray[np.bool_], limits: ValidityLimits,
+) -> None:
+    """Results no infarct looks like: most of the brain, or mirrored across the midline."""
     lesion = np.asarray(segmentation.mask, dtype=bool)
     brain_ml = float(brain.sum()) * study.dwi.voxel_volume_ml
     lesion_ml = float(lesion.sum()) * study.dwi.voxel_volume_ml
-    measures.append(("brain_ml", brain_ml))
+    checks.measures.append(("brain_ml", brain_ml))
     if brain_ml > 0 and lesion_ml / brain_ml > limits.max_lesion_brain_fraction:
-        reasons.append(
+        checks.reasons.append(
             f"lesion covers {100 * lesion_ml / brain_ml:.0f} % of the brain "
             f"(> {100 * limits.max_lesion_brain_fraction:.0f} %): implausible"
         )
     if lesion_ml >= limits.symmetric_min_ml:
         sym = symmetric_fraction(lesion, study, brain)
-        measures.append(("symmetric_fraction", sym))
+        checks.measures.append(("symmetric_fraction", sym))
         if sym >= limits.symmetric_fraction:
-            reasons.append(
+            checks.reasons.append(
                 f"bilateral symmetric pattern ({100 * sym:.0f} % mirrored across the midline): "
                 "typical of cortical ribbon or artefact, not of a vascular territory"
             )
-    validity = DomainOfValidity(
-        reasons=tuple(reasons), notes=tuple(notes), b_value=b,
-        adc_core_threshold=threshold, measures=tuple(measures),
-    )
-    if reasons:
-        log.warning("result outside the validated range: %s", "; ".join(reasons))
-    return validity

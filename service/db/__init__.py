@@ -3,11 +3,11 @@
 from service.db.session import Database, upgrade_schema
 from service.db.store import (
     DestinationDelivery,
-    InstanceSignature,
     JobStore,
     JobSummary,
     validity_fields,
 )
+from service.domain import InstanceSignature
 
 __all__ = [
     "Database",

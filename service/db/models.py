@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -141,3 +142,58 @@ class Delivery(Base):
     at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+# -- Storage Commitment (see service.db.commitment) ------------------------------
+
+
+class CommitmentTransaction(Base):
+    """One N-ACTION (Request Storage Commitment) sent to one destination."""
+
+    __tablename__ = "commitment_transactions"
+
+    transaction_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    destination_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    state: Mapped[str] = mapped_column(String(24), index=True)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime())
+    action_status: Mapped[int | None] = mapped_column(Integer)
+    reported_by: Mapped[str] = mapped_column(String(16), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    # 1 for the request made after delivery; n + 1 for a re-request of attempt n.
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    retry_of: Mapped[str | None] = mapped_column(UID, index=True)
+    follow_up: Mapped[str] = mapped_column(String(16), default="", server_default="", index=True)
+    follow_up_at: Mapped[datetime | None] = mapped_column(DateTime())
+    follow_up_detail: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+    instances: Mapped[list[CommitmentInstance]] = relationship(
+        back_populates="transaction",
+        order_by="CommitmentInstance.id",
+        cascade="all, delete-orphan",
+    )
+
+
+class CommitmentInstance(Base):
+    """One SOP instance referenced by a transaction, with what the peer said about it."""
+
+    __tablename__ = "commitment_instances"
+    __table_args__ = (
+        UniqueConstraint("transaction_uid", "sop_instance_uid", name="uq_commitment_instance"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    transaction_uid: Mapped[str] = mapped_column(
+        UID, ForeignKey("commitment_transactions.transaction_uid"), index=True
+    )
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    path: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(), default=utcnow)
+
+    transaction: Mapped[CommitmentTransaction] = relationship(back_populates="instances")

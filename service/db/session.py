@@ -79,6 +79,26 @@ def upgrade_schema(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+def schema_behind(engine: Engine) -> str | None:
+    """Why the schema is not the one this code needs (``None`` when it is at head).
+
+    Read-only commands check this instead of migrating: changing a hospital's schema is
+    ``strokeseg db-upgrade``'s job (or the services' at start), not a side effect of
+    listing jobs.
+    """
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current == head:
+        return None
+    found = f"at revision {current}" if current else "empty (no strokeseg schema)"
+    return (f"the database schema is {found}, this strokeseg needs {head}: "
+            "run `strokeseg db-upgrade` (with the same --config)")
+
+
 class Database:
     """An engine plus a session factory; ``session()`` commits or rolls back."""
 

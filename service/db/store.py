@@ -18,23 +18,12 @@ from sqlalchemy.exc import IntegrityError
 
 from service.db.models import Delivery, Instance, Job, JobEvent, Study, utcnow
 from service.db.session import Database
-from service.domain import JobState
+from service.domain import ImageRole, InstanceSignature, JobState
 
 log = logging.getLogger(__name__)
 
 #: Seconds a worker's claim on a job lasts unless renewed (worker.lease_s in the config).
 DEFAULT_LEASE_S = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceSignature:
-    """What one received instance contributes, from its header (see service.scp)."""
-
-    series_instance_uid: str
-    role: str = ""  # service.intake.ImageRole value, "" if unknown
-    b_value: float | None = None
-    slice_position: float | None = None  # mm along the slice normal (classic images)
-    frames: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +191,7 @@ class JobStore:
                         size_bytes=size_bytes,
                         received_at=now,
                         calling_ae_title=calling_ae_title,
-                        role=sig.role,
+                        role=sig.role.value,
                         b_value=sig.b_value,
                         slice_position=sig.slice_position,
                         frames=sig.frames,
@@ -216,7 +205,7 @@ class JobStore:
                 instance.size_bytes = size_bytes
                 instance.received_at = now
                 instance.calling_ae_title = calling_ae_title
-                instance.role = sig.role
+                instance.role = sig.role.value
                 instance.b_value = sig.b_value
                 instance.slice_position = sig.slice_position
                 instance.frames = sig.frames
@@ -275,7 +264,10 @@ class JobStore:
                     Instance.frames,
                 ).where(Instance.study_instance_uid == study_instance_uid)
             )
-            return [InstanceSignature(*row) for row in rows]
+            return [
+                InstanceSignature(series, ImageRole.parse(role), b_value, position, frames)
+                for series, role, b_value, position, frames in rows
+            ]
 
     # -- assemble ----------------------------------------------------------------
     def received_jobs(self, idle_s: float) -> list[tuple[int, str]]:

@@ -10,7 +10,7 @@ that the peer sends later, on this association if it is still open, or
 This module does only the sending, so that a deliver step can C-STORE and
 request commitment on one association (:func:`send_commitment_request`) or
 open a dedicated one (:func:`request_commitment`).  Reports are handled by
-:mod:`service.scp.commitment`; the caller binds its handlers to the
+:mod:`service.commitment_reports`; the caller binds its handlers to the
 association here (``evt_handlers``) so a report on the same association is
 not lost, and records the transaction in the database *before* sending (a
 report can race back on another association before our N-ACTION returns).
@@ -271,7 +271,7 @@ def request_commitment(
 ) -> ActionResult:
     """Open an association to ``destination`` only for the N-ACTION, then release it.
 
-    ``evt_handlers`` should be :func:`service.scp.commitment.report_handlers`
+    ``evt_handlers`` should be :func:`service.commitment_reports.report_handlers`
     so a report sent on this association is recorded; see
     :func:`send_commitment_request` for the wait.  Never raises for network
     problems: an unreachable destination is an :class:`ActionResult` with no

@@ -82,7 +82,7 @@ class CommitmentFollowUp:
 
     ``destinations`` are the configured ones (looked up by name, since a
     transaction records the destination's name); ``evt_handlers`` should be
-    :func:`service.scp.commitment.report_handlers` so a peer reporting on the
+    :func:`service.commitment_reports.report_handlers` so a peer reporting on the
     requesting association is recorded too.
     """
 

@@ -34,7 +34,7 @@ __all__ = [
     "sr_algorithm_identification",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _LO_MAX = 64
 _LT_MAX = 10240

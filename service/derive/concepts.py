@@ -78,7 +78,7 @@ __all__ = [
     "NOT_COUNTED_REASON",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: The lesion is always segment 1 of our SEG (BINARY segments start at 1).
 LESION_SEGMENT_NUMBER = 1

@@ -88,7 +88,7 @@ __all__ = [
     "compute_lesion_findings",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: ADC below this (1e-6 mm2/s) counts as ischemic core.
 ADC_CORE_THRESHOLD = 620.0
@@ -412,6 +412,62 @@ def compute_lesion_findings(
     brain = _as_mask(brain_mask, "brain_mask", shape)
     prob = _as_values(probability, "probability", shape)
     adc_values = _as_values(adc, "adc", shape)
+    low, high = _check_parameters(
+        geometry, shape, prob, borderline_range, adc_core_threshold, core_min_cluster_ml
+    )
+    adc_valid = _valid_adc(adc_values, brain)
+    voxel_ml = geometry.voxel_volume_ml
+    core_volume_ml = _adc_core_volume_ml(
+        brain & adc_valid & (adc_values < adc_core_threshold),
+        core_region,
+        min_cluster_ml=core_min_cluster_ml,
+        voxel_ml=voxel_ml,
+    )
+    voxel_count = int(np.count_nonzero(lesion_mask))
+    lesion_adc = adc_values[lesion_mask & adc_valid]
+    findings = LesionFindings(
+        shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+        voxel_volume_ml=voxel_ml,
+        voxel_count=voxel_count,
+        lesions=_lesions(lesion_mask, prob, adc_values, adc_valid, geometry),
+        mean_adc=float(lesion_adc.mean()) if lesion_adc.size else None,
+        adc_core_volume_ml=core_volume_ml,
+        mean_probability=(
+            float(np.clip(prob[lesion_mask].mean(), 0.0, 1.0)) if voxel_count else None
+        ),
+        borderline_fraction=_borderline_fraction(prob, low, high),
+        input_quality=input_quality,
+        adc_core_threshold=float(adc_core_threshold),
+        borderline_range=(low, high),
+        core_min_cluster_ml=float(core_min_cluster_ml),
+        mimics=tuple(mimics),
+        validity=validity,
+    )
+    _log_computed(findings)
+    return findings
+
+
+def _log_computed(findings: LesionFindings) -> None:
+    log.debug(
+        "lesion findings computed",
+        extra={
+            "lesion_count": findings.lesion_count,
+            "lesion_volume_ml": findings.total_volume_ml,
+            "adc_core_volume_ml": findings.adc_core_volume_ml,
+        },
+    )
+
+
+def _check_parameters(
+    geometry: GridGeometry,
+    shape: tuple[int, ...],
+    prob: npt.NDArray[np.float64],
+    borderline_range: tuple[float, float],
+    adc_core_threshold: float,
+    core_min_cluster_ml: float,
+) -> tuple[float, float]:
+    """Raise ``ValueError`` on a geometry of another slice count, a probability outside
+    [0, 1] or a nonsensical parameter; returns the borderline range as floats."""
     if geometry.n_slices != shape[0]:
         raise ValueError(f"geometry has {geometry.n_slices} slices, the mask {shape[0]}")
     if not (
@@ -429,9 +485,20 @@ def compute_lesion_findings(
         raise ValueError("adc_core_threshold must be positive (1e-6 mm2/s)")
     if not (math.isfinite(core_min_cluster_ml) and core_min_cluster_ml >= 0):
         raise ValueError("core_min_cluster_ml must be >= 0 (mL)")
+    return low, high
 
+
+def _valid_adc(
+    adc_values: npt.NDArray[np.float64], brain: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.bool_]:
+    """Where the ADC is a measurement (finite, > 0), after checking that it is in 1e-6 mm2/s.
+
+    An ADC map in mm2/s (brain median ~0.0008) would make the whole brain
+    "core"; with enough valid brain voxels a median far below brain tissue's
+    ~700-900 can only be that unit mistake.
+    """
     with np.errstate(invalid="ignore"):
-        adc_valid = np.isfinite(adc_values) & (adc_values > 0)
+        adc_valid: npt.NDArray[np.bool_] = np.isfinite(adc_values) & (adc_values > 0)
     brain_adc = adc_values[brain & adc_valid]
     if (
         brain_adc.size >= _ADC_UNIT_SANITY_MIN_VOXELS
@@ -441,79 +508,77 @@ def compute_lesion_findings(
             f"median ADC in the brain is {float(np.median(brain_adc)):.3g}; "
             "the ADC must be in 1e-6 mm2/s (brain tissue is ~700-900)"
         )
-    voxel_ml = geometry.voxel_volume_ml
-    core_candidates = brain & adc_valid & (adc_values < adc_core_threshold)
-    if core_region is not None:
-        core_candidates &= _as_mask(core_region, "core_region", shape)
-    core_voxels = _core_voxel_count(
-        core_candidates,
-        min_cluster_voxels=math.ceil(core_min_cluster_ml / voxel_ml - 1e-9),
-    )
+    return adc_valid
 
+
+def _adc_core_volume_ml(
+    candidates: npt.NDArray[np.bool_],
+    core_region: npt.ArrayLike | None,
+    *,
+    min_cluster_ml: float,
+    voxel_ml: float,
+) -> float:
+    """Volume of the ADC core: ``candidates`` (brain voxels with valid ADC below the
+    threshold), restricted to ``core_region`` when given, in 6-connected clusters of at
+    least ``min_cluster_ml``."""
+    if core_region is not None:
+        candidates = candidates & _as_mask(core_region, "core_region", candidates.shape)
+    voxels = _core_voxel_count(
+        candidates, min_cluster_voxels=math.ceil(min_cluster_ml / voxel_ml - 1e-9)
+    )
+    return voxels * voxel_ml
+
+
+def _lesions(
+    lesion_mask: npt.NDArray[np.bool_],
+    prob: npt.NDArray[np.float64],
+    adc_values: npt.NDArray[np.float64],
+    adc_valid: npt.NDArray[np.bool_],
+    geometry: GridGeometry,
+) -> tuple[Lesion, ...]:
+    """The 26-connected components of the mask as :class:`Lesion`, largest first."""
     structure = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
     labels, n_components = ndimage.label(lesion_mask, structure=structure)
+    if not n_components:
+        return ()
+    index = np.arange(1, n_components + 1)
+    counts = np.bincount(labels.ravel(), minlength=n_components + 1)[1:]
+    # ndimage numbers components in raster order of their first voxel, so a
+    # stable sort on -count breaks ties by that order.
+    order = np.argsort(-counts, kind="stable")
+    boxes = ndimage.find_objects(labels)
+    prob_means = ndimage.mean(prob, labels, index)
+    adc_for_mean = np.where(adc_valid, adc_values, 0.0)
+    adc_sums = ndimage.sum(adc_for_mean, labels, index)
+    adc_counts = ndimage.sum(adc_valid, labels, index)
+    voxel_ml = geometry.voxel_volume_ml
     lesions: list[Lesion] = []
-    if n_components:
-        index = np.arange(1, n_components + 1)
-        counts = np.bincount(labels.ravel(), minlength=n_components + 1)[1:]
-        # ndimage numbers components in raster order of their first voxel, so a
-        # stable sort on -count breaks ties by that order.
-        order = np.argsort(-counts, kind="stable")
-        boxes = ndimage.find_objects(labels)
-        prob_means = ndimage.mean(prob, labels, index)
-        adc_for_mean = np.where(adc_valid, adc_values, 0.0)
-        adc_sums = ndimage.sum(adc_for_mean, labels, index)
-        adc_counts = ndimage.sum(adc_valid, labels, index)
-        for rank, i in enumerate(order, start=1):
-            label = int(i) + 1
-            box = boxes[int(i)]
-            assert box is not None
-            local = np.argwhere(labels[box] == label)
-            offset = np.array([s.start for s in box])
-            centroid = geometry.to_patient(local + offset).mean(axis=0)
-            n_adc = float(adc_counts[i])
-            lesions.append(
-                Lesion(
-                    number=rank,
-                    voxel_count=int(counts[i]),
-                    volume_ml=int(counts[i]) * voxel_ml,
-                    first_slice=int(box[0].start),
-                    last_slice=int(box[0].stop) - 1,
-                    centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
-                    mean_adc=float(adc_sums[i]) / n_adc if n_adc else None,
-                    mean_probability=float(np.clip(prob_means[i], 0.0, 1.0)),
-                )
+    for rank, i in enumerate(order, start=1):
+        label = int(i) + 1
+        box = boxes[int(i)]
+        assert box is not None
+        local = np.argwhere(labels[box] == label)
+        offset = np.array([s.start for s in box])
+        centroid = geometry.to_patient(local + offset).mean(axis=0)
+        n_adc = float(adc_counts[i])
+        lesions.append(
+            Lesion(
+                number=rank,
+                voxel_count=int(counts[i]),
+                volume_ml=int(counts[i]) * voxel_ml,
+                first_slice=int(box[0].start),
+                last_slice=int(box[0].stop) - 1,
+                centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+                mean_adc=float(adc_sums[i]) / n_adc if n_adc else None,
+                mean_probability=float(np.clip(prob_means[i], 0.0, 1.0)),
             )
+        )
+    return tuple(lesions)
 
-    voxel_count = int(np.count_nonzero(lesion_mask))
-    lesion_adc = adc_values[lesion_mask & adc_valid]
+
+def _borderline_fraction(prob: npt.NDArray[np.float64], low: float, high: float) -> float:
+    """Of the voxels with probability >= ``low``, the fraction with probability <= ``high``."""
     candidates = prob >= low
     n_candidates = int(np.count_nonzero(candidates))
     borderline = int(np.count_nonzero(candidates & (prob <= high)))
-    findings = LesionFindings(
-        shape=(int(shape[0]), int(shape[1]), int(shape[2])),
-        voxel_volume_ml=voxel_ml,
-        voxel_count=voxel_count,
-        lesions=tuple(lesions),
-        mean_adc=float(lesion_adc.mean()) if lesion_adc.size else None,
-        adc_core_volume_ml=core_voxels * voxel_ml,
-        mean_probability=(
-            float(np.clip(prob[lesion_mask].mean(), 0.0, 1.0)) if voxel_count else None
-        ),
-        borderline_fraction=borderline / n_candidates if n_candidates else 0.0,
-        input_quality=input_quality,
-        adc_core_threshold=float(adc_core_threshold),
-        borderline_range=(low, high),
-        core_min_cluster_ml=float(core_min_cluster_ml),
-        mimics=tuple(mimics),
-        validity=validity,
-    )
-    logger.debug(
-        "lesion findings computed",
-        extra={
-            "lesion_count": findings.lesion_count,
-            "lesion_volume_ml": findings.total_volume_ml,
-            "adc_core_volume_ml": findings.adc_core_volume_ml,
-        },
-    )
-    return findings
+    return borderline / n_candidates if n_candidates else 0.0

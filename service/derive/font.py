@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 __all__ = ["CELL_HEIGHT", "CELL_WIDTH", "GLYPHS", "draw_text", "glyph", "text_width", "wrap"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Cell size in unscaled pixels: 5x7 glyph plus one column and one row of spacing.
 CELL_WIDTH, CELL_HEIGHT = 6, 8

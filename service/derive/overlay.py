@@ -72,7 +72,12 @@ from service.derive.concepts import (
 )
 from service.derive.findings import LesionFindings
 from service.derive.font import CELL_HEIGHT, CELL_WIDTH, draw_text, wrap
-from service.derive.references import SliceSources, SourceLayout, as_slice_sources
+from service.derive.references import (
+    SliceReference,
+    SliceSources,
+    SourceLayout,
+    as_slice_sources,
+)
 from service.derive.sources import (
     _copied_attribute_types,
     spatial_order,
@@ -94,7 +99,7 @@ __all__ = [
     "validity_line",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_OVERLAY_LABEL = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 #: First burned-in line of a result outside the model's validated range.
@@ -323,6 +328,35 @@ def _copy_patient_study(ref: Dataset, target: Dataset) -> None:
             target[keyword] = ref[keyword]
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _OverlaySeries:
+    """What every image of one overlay series shares (computed once per series)."""
+
+    sources: SliceSources
+    #: The patient/study header (first source, repaired as for the SEG and SR).
+    ref: Dataset
+    series_instance_uid: str
+    #: Derive each image's SOP Instance UID from the series UID (a caller-given one) and its slice.
+    stable_sop_uids: bool
+    series_number: int
+    series_description: str
+    manufacturer: str
+    model_name: str
+    software_version: str
+    device_serial_number: str
+    window: tuple[float, float]
+    layout: OverlayLayout
+    #: The wrapped banner text lines (before "IMAGE k OF n") with their colours.
+    banner: tuple[tuple[str, tuple[int, int, int]], ...]
+    outline_rgb: tuple[int, int, int]
+    pixel_spacing: tuple[float, float] | None
+    orientation: tuple[str, str]
+    body_part: str
+    lossy: bool
+    image_comments: str
+    derivation: str
+
+
 def build_overlay_series(
     source_images: Sequence[Dataset] | SliceSources,
     dwi: npt.ArrayLike,
@@ -364,11 +398,53 @@ def build_overlay_series(
         signal), a label that the font would garble or that has line breaks,
         an empty window, or a series UID equal to the source series'.
     """
+    sources, dwi_arr, mask_arr = _checked_slices(source_images, dwi, mask)
+    _check_appearance(outline_rgb, label, findings, dwi_arr.shape)
+    window = _checked_window(window, dwi_arr)
+    series_uid = _new_series_uid(series_number, series_instance_uid, sources)
+    summary = summary_lines(lesion_volume_ml, algorithm, label=label, findings=findings)
+    banner, layout = _banner(summary, label, findings, dwi_arr.shape, min_size)
+    spacing, iop = _plane(sources)
+    series = _OverlaySeries(
+        sources=sources,
+        ref=with_patient_study_fallbacks(sources.first),
+        series_instance_uid=series_uid,
+        stable_sop_uids=bool(series_instance_uid),
+        series_number=series_number,
+        series_description=series_description,
+        manufacturer=manufacturer,
+        model_name=algorithm.name,
+        software_version=software_version,
+        device_serial_number=device_serial_number,
+        window=window,
+        layout=layout,
+        banner=banner,
+        outline_rgb=outline_rgb,
+        pixel_spacing=(spacing[0] / layout.scale, spacing[1] / layout.scale) if spacing else None,
+        orientation=_patient_orientation(iop),
+        body_part=_body_part(sources.first),
+        lossy=any(str(ds.get("LossyImageCompression", "")) == "01" for ds in sources.objects),
+        image_comments="; ".join(summary),
+        derivation=_derivation_description(window, layout, algorithm),
+    )
+    images = [
+        _overlay_image(series, i, position, dwi_arr[i], mask_arr[i])
+        for position, i in enumerate(_image_order(sources), start=1)
+    ]
+    log.info(
+        "built lesion overlay series",
+        extra={"series_instance_uid": series_uid, "images": len(images), "scale": layout.scale},
+    )
+    return images
+
+
+def _checked_slices(
+    source_images: Sequence[Dataset] | SliceSources, dwi: npt.ArrayLike, mask: npt.ArrayLike
+) -> tuple[SliceSources, npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """The sources, DWI values and boolean mask, checked to be one slice stack of one size."""
     if len(source_images) == 0:
         raise ValueError("at least one source image is required")
     sources = as_slice_sources(source_images)
-    classic = sources.layout is SourceLayout.CLASSIC
-    datasets = [ref.dataset for ref in sources.references]
     dwi_arr = np.asarray(dwi, dtype=np.float64)
     mask_arr = np.asarray(mask)
     if mask_arr.dtype != np.bool_:
@@ -383,130 +459,185 @@ def build_overlay_series(
             "slice i must lie on source_images[i]"
         )
     rows, columns = int(dwi_arr.shape[1]), int(dwi_arr.shape[2])
-    if classic:
-        for i, ds in enumerate(datasets):
-            if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
+    if sources.layout is SourceLayout.CLASSIC:
+        for i, ref in enumerate(sources.references):
+            if (int(ref.dataset.Rows), int(ref.dataset.Columns)) != (rows, columns):
                 raise ValueError(f"source image {i} is not {rows}x{columns}")
     elif sources.frame_shape != (rows, columns):
         raise ValueError(f"the source slices are not {rows}x{columns}")
+    return sources, dwi_arr, mask_arr
+
+
+def _check_appearance(
+    outline_rgb: tuple[int, int, int],
+    label: str,
+    findings: LesionFindings | None,
+    shape: tuple[int, ...],
+) -> None:
+    """Refuse an outline that reads as signal, a label the banner cannot hold, and findings
+    of another grid (their numbers would be printed on the wrong images)."""
     if len(set(outline_rgb)) == 1 or any(not 0 <= c <= 255 for c in outline_rgb):
         raise ValueError("outline_rgb must be a non-grey colour with components 0..255")
     if any(ch in label for ch in "\r\n\f\\"):
         raise ValueError("the overlay label must be one line of text without backslashes")
-    if findings is not None and findings.shape != dwi_arr.shape:
+    if findings is not None and findings.shape != shape:
         raise ValueError("findings were computed on another grid than the overlay's")
-    window = window if window is not None else auto_window(dwi_arr)
+
+
+def _checked_window(
+    window: tuple[float, float] | None, dwi: npt.NDArray[np.float64]
+) -> tuple[float, float]:
+    """The caller's window or :func:`auto_window`; refused when empty."""
+    window = window if window is not None else auto_window(dwi)
     if not window[1] > window[0]:
         raise ValueError(f"window must be (low, high) with high > low, got {window}")
+    return window
+
+
+def _new_series_uid(
+    series_number: int, series_instance_uid: str | None, sources: SliceSources
+) -> str:
+    """The overlay's Series Instance UID (the caller's, else a new one): never a source's,
+    since the overlay would then be filed as images of the DWI series."""
     if series_number < 1:
         raise ValueError("series_number must be positive")
-
-    first = sources.first
     series_uid = series_instance_uid or hd.UID()
     if series_uid in {str(ds.SeriesInstanceUID) for ds in sources.objects}:
         raise ValueError("the overlay must be in a new series, not the source series")
+    return series_uid
 
-    ref = with_patient_study_fallbacks(first)
-    summary = summary_lines(lesion_volume_ml, algorithm, label=label, findings=findings)
-    n = len(sources)
+
+def _banner(
+    summary: Sequence[str],
+    label: str,
+    findings: LesionFindings | None,
+    shape: tuple[int, ...],
+    min_size: int,
+) -> tuple[tuple[tuple[str, tuple[int, int, int]], ...], OverlayLayout]:
+    """The summary wrapped to the image width, with colours, and the layout sized for it
+    plus the "IMAGE k OF n" line; ``shape`` is the DWI's (slices, rows, columns).
+
+    The warning (when there is one) and the label are highlighted; the numbers are white.
+    """
+    rows, columns = int(shape[1]), int(shape[2])
     probe = overlay_layout(rows, columns, 0, min_size=min_size)
-    common: list[tuple[str, tuple[int, int, int]]] = []
-    # The warning (when there is one) and the label are highlighted; the numbers are white.
     highlighted = int(label.strip() != "") + int(
         validity_line(findings.validity if findings is not None else None) is not None
     )
+    lines: list[tuple[str, tuple[int, int, int]]] = []
     for k, line in enumerate(summary):
         rgb = _LABEL_RGB if k < highlighted else _TEXT_RGB
-        common.extend((part, rgb) for part in wrap(line, probe.chars_per_line))
-    layout = overlay_layout(rows, columns, len(common) + 1, min_size=min_size)
+        lines.extend((part, rgb) for part in wrap(line, probe.chars_per_line))
+    return tuple(lines), overlay_layout(rows, columns, len(lines) + 1, min_size=min_size)
 
-    if classic:
+
+def _plane(sources: SliceSources) -> tuple[list[float] | None, list[float]]:
+    """PixelSpacing (None when a classic source lacks it) and ImageOrientationPatient.
+
+    A classic image states both; an Enhanced MR object has them per frame
+    and a MOSAIC's describe the tile grid too, so those come from the slice grid.
+    """
+    first = sources.first
+    if sources.layout is SourceLayout.CLASSIC:
         spacing = [float(v) for v in first.PixelSpacing] if "PixelSpacing" in first else None
-        iop = [float(v) for v in first.ImageOrientationPatient]
-    else:  # an Enhanced MR object has them per frame, a MOSAIC's describe the tile grid too
-        assert sources.geometry is not None
-        spacing = list(sources.geometry.pixel_spacing)
-        iop = [*sources.geometry.row_cosine, *sources.geometry.column_cosine]
-    orientation = _patient_orientation(iop)
-    charset = ref.get("SpecificCharacterSet")
+        return spacing, [float(v) for v in first.ImageOrientationPatient]
+    assert sources.geometry is not None
+    geometry = sources.geometry
+    return list(geometry.pixel_spacing), [*geometry.row_cosine, *geometry.column_cosine]
+
+
+def _body_part(first: Dataset) -> str:
+    """The source's ``HEAD``/``BRAIN``, else ``HEAD`` (a brain DWI is one)."""
     body_part = str(first.get("BodyPartExamined", "") or "").strip().upper()
-    body_part = body_part if body_part in ("HEAD", "BRAIN") else "HEAD"
-    lossy = any(str(ds.get("LossyImageCompression", "")) == "01" for ds in sources.objects)
-    derivation = (
+    return body_part if body_part in ("HEAD", "BRAIN") else "HEAD"
+
+
+def _derivation_description(
+    window: tuple[float, float], layout: OverlayLayout, algorithm: AlgorithmInfo
+) -> str:
+    return (
         f"DWI windowed to [{window[0]:.6g}, {window[1]:.6g}], upscaled {layout.scale}x, "
         f"lesion outline from {algorithm.name} {algorithm.version} burned in; not for diagnosis "
         "on its own: see the SEG and SR of this series' study"
     )
 
-    images: list[hd.sc.SCImage] = []
-    order = _display_order(datasets) if classic else sources.display_order()
+
+def _image_order(sources: SliceSources) -> list[int]:
+    """Slice indices in the order the source scrolls: InstanceNumber (classic), else
+    frame or tile order."""
+    if sources.layout is SourceLayout.CLASSIC:
+        return _display_order([ref.dataset for ref in sources.references])
+    order = sources.display_order()
     assert order is not None
-    for position, i in enumerate(order, start=1):
-        ds = datasets[i]
-        frame_number = sources.references[i].frame_number
-        counter = f"IMAGE {position} OF {n}"
-        pixels = render_overlay_slice(
-            dwi_arr[i],
-            mask_arr[i],
-            window=window,
-            layout=layout,
-            lines=[*common, (counter[: layout.chars_per_line], _TEXT_RGB)],
-            outline_rgb=outline_rgb,
-        )
-        sop_uid = (
-            stable_uid("overlay-image", series_uid, sources.slice_key(i))
-            if series_instance_uid
-            else hd.UID()
-        )
-        sc = hd.sc.SCImage(
-            pixel_array=pixels,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            study_instance_uid=str(first.StudyInstanceUID),
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_uid,
-            instance_number=position,
-            manufacturer=manufacturer,
-            pixel_spacing=(
-                (spacing[0] / layout.scale, spacing[1] / layout.scale) if spacing else None
-            ),
-            patient_orientation=orientation,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=series_description,
-            manufacturer_model_name=algorithm.name,
-            software_versions=software_version,
-            device_serial_number=device_serial_number,
-            specific_character_set=charset,
-            **_study_attributes(ref),  # type: ignore[arg-type]
-        )
-        _copy_patient_study(ref, sc)
-        # An unpaired body part: without it dciodvfy requires Laterality (type 2C).
-        sc.BodyPartExamined = body_part
-        sc.BurnedInAnnotation = "NO"
-        sc.ConversionType = (
-            "WSD"  # made by a workstation from images, not "DI" (a digital interface)
-        )
-        sc.ImageComments = "; ".join(summary)
-        sc.DerivationDescription = derivation
-        sc.DerivationCodeSequence = [_SEGMENTATION_DERIVATION]
-        source_item = Dataset()
-        source_item.ReferencedSOPClassUID = ds.SOPClassUID
-        source_item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        if frame_number is not None:
-            source_item.ReferencedFrameNumber = frame_number
-        source_item.PurposeOfReferenceCodeSequence = [_SOURCE_IMAGE_FOR_PROCESSING]
-        sc.SourceImageSequence = [source_item]
-        if lossy:
-            sc.LossyImageCompression = "01"
-        images.append(sc)
-    logger.info(
-        "built lesion overlay series",
-        extra={
-            "series_instance_uid": series_uid,
-            "images": len(images),
-            "scale": layout.scale,
-        },
+    return order
+
+
+def _overlay_image(
+    series: _OverlaySeries,
+    i: int,
+    position: int,
+    dwi_slice: npt.NDArray[np.float64],
+    mask_slice: npt.NDArray[np.bool_],
+) -> hd.sc.SCImage:
+    """The overlay image of slice ``i``, number ``position`` in display order."""
+    layout = series.layout
+    counter = f"IMAGE {position} OF {len(series.sources)}"
+    pixels = render_overlay_slice(
+        dwi_slice,
+        mask_slice,
+        window=series.window,
+        layout=layout,
+        lines=[*series.banner, (counter[: layout.chars_per_line], _TEXT_RGB)],
+        outline_rgb=series.outline_rgb,
     )
-    return images
+    sop_uid = (
+        stable_uid("overlay-image", series.series_instance_uid, series.sources.slice_key(i))
+        if series.stable_sop_uids
+        else hd.UID()
+    )
+    ref = series.ref
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        study_instance_uid=str(series.sources.first.StudyInstanceUID),
+        series_instance_uid=series.series_instance_uid,
+        series_number=series.series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=position,
+        manufacturer=series.manufacturer,
+        pixel_spacing=series.pixel_spacing,
+        patient_orientation=series.orientation,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=series.series_description,
+        manufacturer_model_name=series.model_name,
+        software_versions=series.software_version,
+        device_serial_number=series.device_serial_number,
+        specific_character_set=ref.get("SpecificCharacterSet"),
+        **_study_attributes(ref),  # type: ignore[arg-type]
+    )
+    _copy_patient_study(ref, sc)
+    _describe_derivation(sc, series, series.sources.references[i])
+    return sc
+
+
+def _describe_derivation(sc: Dataset, series: _OverlaySeries, source: SliceReference) -> None:
+    """What the image is and where it comes from: body part, annotation, conversion type,
+    comments, derivation and the reference to its source slice's object (and frame)."""
+    # An unpaired body part: without it dciodvfy requires Laterality (type 2C).
+    sc.BodyPartExamined = series.body_part
+    sc.BurnedInAnnotation = "NO"
+    sc.ConversionType = "WSD"  # made by a workstation from images, not "DI" (a digital interface)
+    sc.ImageComments = series.image_comments
+    sc.DerivationDescription = series.derivation
+    sc.DerivationCodeSequence = [_SEGMENTATION_DERIVATION]
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.dataset.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.dataset.SOPInstanceUID
+    if source.frame_number is not None:
+        item.ReferencedFrameNumber = source.frame_number
+    item.PurposeOfReferenceCodeSequence = [_SOURCE_IMAGE_FOR_PROCESSING]
+    sc.SourceImageSequence = [item]
+    if series.lossy:
+        sc.LossyImageCompression = "01"

@@ -21,7 +21,7 @@ from service.storage import atomic_write
 
 __all__ = ["save_atomically"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def save_atomically(ds: Dataset, path: Path) -> Path:
@@ -35,5 +35,5 @@ def save_atomically(ds: Dataset, path: Path) -> Path:
     dcmwrite(buffer, ds, enforce_file_format=True)
     path = Path(path)
     atomic_write(path, buffer.getvalue())
-    logger.debug("wrote %s", path.name)
+    log.debug("wrote %s", path.name)
     return path

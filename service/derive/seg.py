@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
@@ -78,7 +79,7 @@ from service.derive.sources import (
 
 __all__ = ["build_lesion_seg", "lesion_segment_description", "lesion_tracking_uid"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Content Label (CS, at most 16 characters) of our SEG.
 _CONTENT_LABEL = "ISCHEMIC_LESION"
@@ -166,70 +167,83 @@ def build_lesion_seg(
     mask_bool = _as_bool_mask(mask)
     if mask_bool.ndim != 3:
         raise ValueError(f"mask must be 3-D (slices, rows, columns), got shape {mask_bool.shape}")
+    series = _SegSeries(
+        series_number=series_number,
+        instance_number=instance_number,
+        series_description=series_description,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name or algorithm.name,
+        software_version=software_version,
+        device_serial_number=device_serial_number,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+    )
     if isinstance(source_images, SliceSources):
         if source_images.layout is not SourceLayout.CLASSIC:
-            return _build_seg_on_frames(
-                source_images,
-                mask_bool,
-                algorithm=algorithm,
-                series_number=series_number,
-                instance_number=instance_number,
-                series_description=series_description,
-                manufacturer=manufacturer,
-                manufacturer_model_name=manufacturer_model_name,
-                software_version=software_version,
-                device_serial_number=device_serial_number,
-                series_instance_uid=series_instance_uid,
-                sop_instance_uid=sop_instance_uid,
-            )
+            return _build_seg_on_frames(source_images, mask_bool, algorithm, series)
         source_images = [ref.dataset for ref in source_images.references]
-    if mask_bool.shape[0] != len(source_images):
+    return _build_seg_on_images(source_images, mask_bool, algorithm, series)
+
+
+@dataclass(frozen=True, slots=True)
+class _SegSeries:
+    """The SEG's own series, instance and equipment attributes, as the caller asked for them.
+
+    The UIDs are None where the caller left them to us: :meth:`uids` makes
+    new ones, after the sources were checked.
+    """
+
+    series_number: int
+    instance_number: int
+    series_description: str
+    manufacturer: str
+    manufacturer_model_name: str
+    software_version: str
+    device_serial_number: str
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+
+    def uids(self, sources: Sequence[Dataset]) -> tuple[str, str]:
+        """(Series, SOP Instance UID), the series new to ``sources``; checks the numbers too."""
+        if self.series_number < 1 or self.instance_number < 1:
+            raise ValueError("series_number and instance_number must be positive")
+        series_uid = self.series_instance_uid or hd.UID()
+        sop_uid = self.sop_instance_uid or hd.UID()
+        if series_uid in {str(ds.SeriesInstanceUID) for ds in sources}:
+            raise ValueError("the SEG must be in a new series, not the source series")
+        return series_uid, sop_uid
+
+
+def _build_seg_on_images(
+    source_images: Sequence[Dataset],
+    mask: npt.NDArray[np.bool_],
+    algorithm: AlgorithmInfo,
+    series: _SegSeries,
+) -> hd.seg.Segmentation:
+    """The SEG of ``mask`` on classic images, ``mask[i]`` on ``source_images[i]``.
+
+    highdicom derives the frames' geometry and references from the sources;
+    they are checked first and handed over repaired
+    (:func:`~service.derive.sources.prepare_sources`).
+    """
+    if mask.shape[0] != len(source_images):
         raise ValueError(
-            f"mask has {mask_bool.shape[0]} slices but {len(source_images)} source images "
+            f"mask has {mask.shape[0]} slices but {len(source_images)} source images "
             "were given; mask[i] must correspond to source_images[i]"
         )
-    check_source_images(source_images, (int(mask_bool.shape[1]), int(mask_bool.shape[2])))
-    if series_number < 1 or instance_number < 1:
-        raise ValueError("series_number and instance_number must be positive")
-
-    series_uid = series_instance_uid or hd.UID()
-    sop_uid = sop_instance_uid or hd.UID()
-    if series_uid == str(source_images[0].SeriesInstanceUID):
-        raise ValueError("the SEG must be in a new series, not the source series")
-
-    sources = prepare_sources(source_images)
+    check_source_images(source_images, (int(mask.shape[1]), int(mask.shape[2])))
+    series_uid, sop_uid = series.uids(source_images[:1])  # one series: checked above
     seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=mask_bool,
-        **_segmentation_arguments(
-            algorithm,
-            series_uid=series_uid,
-            sop_uid=sop_uid,
-            series_number=series_number,
-            instance_number=instance_number,
-            series_description=series_description,
-            manufacturer=manufacturer,
-            manufacturer_model_name=manufacturer_model_name,
-            software_version=software_version,
-            device_serial_number=device_serial_number,
-        ),
+        source_images=prepare_sources(source_images),
+        pixel_array=mask,
+        **_segmentation_arguments(algorithm, series, series_uid, sop_uid),
     )
-    _log_built(seg, mask_bool)
+    _log_built(seg, mask)
     return seg
 
 
 def _segmentation_arguments(
-    algorithm: AlgorithmInfo,
-    *,
-    series_uid: str,
-    sop_uid: str,
-    series_number: int,
-    instance_number: int,
-    series_description: str,
-    manufacturer: str,
-    manufacturer_model_name: str | None,
-    software_version: str,
-    device_serial_number: str,
+    algorithm: AlgorithmInfo, series: _SegSeries, series_uid: str, sop_uid: str
 ) -> dict[str, Any]:
     """The ``hd.seg.Segmentation`` arguments that do not depend on the source layout."""
     return {
@@ -238,22 +252,22 @@ def _segmentation_arguments(
             lesion_segment_description(algorithm, lesion_tracking_uid(sop_uid)),
         ],
         "series_instance_uid": series_uid,
-        "series_number": series_number,
+        "series_number": series.series_number,
         "sop_instance_uid": sop_uid,
-        "instance_number": instance_number,
-        "manufacturer": manufacturer,
-        "manufacturer_model_name": manufacturer_model_name or algorithm.name,
-        "software_versions": software_version,
-        "device_serial_number": device_serial_number,
+        "instance_number": series.instance_number,
+        "manufacturer": series.manufacturer,
+        "manufacturer_model_name": series.manufacturer_model_name,
+        "software_versions": series.software_version,
+        "device_serial_number": series.device_serial_number,
         "content_label": _CONTENT_LABEL,
         "content_description": _CONTENT_DESCRIPTION,
         "omit_empty_frames": False,
-        "series_description": series_description,
+        "series_description": series.series_description,
     }
 
 
 def _log_built(seg: hd.seg.Segmentation, mask: npt.NDArray[np.bool_]) -> None:
-    logger.info(
+    log.info(
         "built lesion SEG",
         extra={
             "series_instance_uid": str(seg.SeriesInstanceUID),
@@ -286,7 +300,7 @@ def _slice_thickness(sources: SliceSources) -> float:
         if thickness is not None:
             return thickness
     assert sources.geometry is not None
-    logger.warning("source slices give no SliceThickness; using the slice spacing")
+    log.warning("source slices give no SliceThickness; using the slice spacing")
     return sources.geometry.slice_spacing
 
 
@@ -375,17 +389,8 @@ def _frame_reference(sources: SliceSources, i: int) -> list[Dataset]:
 def _build_seg_on_frames(
     sources: SliceSources,
     mask: npt.NDArray[np.bool_],
-    *,
     algorithm: AlgorithmInfo,
-    series_number: int,
-    instance_number: int,
-    series_description: str,
-    manufacturer: str,
-    manufacturer_model_name: str | None,
-    software_version: str,
-    device_serial_number: str,
-    series_instance_uid: str | None,
-    sop_instance_uid: str | None,
+    series: _SegSeries,
 ) -> hd.seg.Segmentation:
     """The SEG of ``mask`` on frames of multi-frame objects or tiles of MOSAICs.
 
@@ -398,8 +403,8 @@ def _build_seg_on_frames(
     source object(s) for the patient/study header, FrameOfReferenceUID and
     the image-level references; afterwards each SEG frame's
     DerivationImageSequence is replaced by the reference to its own slice
-    (:func:`_frame_reference`: highdicom would reference the b0 frame at
-    the same position too).
+    (:func:`_reference_own_slices`: highdicom would reference the b0 frame
+    at the same position too).
     """
     geometry, frame_shape = sources.geometry, sources.frame_shape
     assert geometry is not None and frame_shape is not None
@@ -412,13 +417,7 @@ def _build_seg_on_frames(
             f"mask slices are {mask.shape[1]}x{mask.shape[2]} but the source slices are "
             f"{frame_shape[0]}x{frame_shape[1]}"
         )
-    if series_number < 1 or instance_number < 1:
-        raise ValueError("series_number and instance_number must be positive")
-    series_uid = series_instance_uid or hd.UID()
-    sop_uid = sop_instance_uid or hd.UID()
-    if series_uid in {str(ds.SeriesInstanceUID) for ds in sources.objects}:
-        raise ValueError("the SEG must be in a new series, not the source series")
-
+    series_uid, sop_uid = series.uids(sources.objects)
     thickness = _slice_thickness(sources)
     objects = [_prepared_object(ds, sources, thickness) for ds in sources.objects]
     positions = np.array([sources.frame_position(i) for i in range(len(sources))])
@@ -438,20 +437,21 @@ def _build_seg_on_frames(
             slice_thickness=thickness,
             spacing_between_slices=geometry.slice_spacing,
         ),
-        **_segmentation_arguments(
-            algorithm,
-            series_uid=series_uid,
-            sop_uid=sop_uid,
-            series_number=series_number,
-            instance_number=instance_number,
-            series_description=series_description,
-            manufacturer=manufacturer,
-            manufacturer_model_name=manufacturer_model_name,
-            software_version=software_version,
-            device_serial_number=device_serial_number,
-        ),
+        **_segmentation_arguments(algorithm, series, series_uid, sop_uid),
     )
+    _reference_own_slices(seg, sources, positions)
+    _log_built(seg, mask)
+    return seg
 
+
+def _reference_own_slices(
+    seg: hd.seg.Segmentation, sources: SliceSources, positions: npt.NDArray[np.float64]
+) -> None:
+    """Point each SEG frame's DerivationImageSequence at its own slice (:func:`_frame_reference`).
+
+    Frames are matched to slices by plane position (highdicom may reorder
+    them); every slice must get exactly one frame.
+    """
     matched: set[int] = set()
     for frame in seg.PerFrameFunctionalGroupsSequence:
         position = np.array([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
@@ -466,5 +466,3 @@ def _build_seg_on_frames(
     rebuild = getattr(seg, "_build_luts", None)
     if callable(rebuild):  # highdicom's frame look-up tables, now stale
         rebuild()
-    _log_built(seg, mask)
-    return seg

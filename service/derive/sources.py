@@ -52,7 +52,7 @@ __all__ = [
     "with_patient_study_fallbacks",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Type 2 Patient / General Study attributes highdicom reads from the first source.
 _TYPE2_TEXT = (
@@ -150,14 +150,33 @@ def with_patient_study_fallbacks(ds: Dataset) -> Dataset:
     """
     fixed = copy.deepcopy(ds)
     changes: dict[str, str] = {}  # keyword -> why
+    _declare_character_set(fixed, changes)
+    _fill_type2(fixed, changes)
+    _repair_copied_values(fixed, changes)
+    if not changes:
+        return ds
+    log.warning(
+        "source patient/study header repaired for the derived objects: %s",
+        ", ".join(f"{k} ({why})" for k, why in sorted(changes.items())),
+    )
+    return fixed
 
+
+def _declare_character_set(fixed: Dataset, changes: dict[str, str]) -> None:
+    """Step 1: give undeclared non-ASCII text a SpecificCharacterSet.
+
+    Set before any text element of the copy is decoded: pydicom decodes raw
+    values lazily with the dataset's character set at that moment.
+    """
     charset = _undeclared_character_set(fixed)
     if charset is not None:
-        # Set before any text element of the copy is decoded: pydicom decodes
-        # raw values lazily with the dataset's character set at that moment.
         fixed.SpecificCharacterSet = charset
         changes["SpecificCharacterSet"] = f"undeclared, non-ASCII text: {charset}"
 
+
+def _fill_type2(fixed: Dataset, changes: dict[str, str]) -> None:
+    """Step 2: the type 2 attributes highdicom reads by attribute access, present and
+    parsable (absent or unparsable -> empty, "unknown"); PatientSex one of M/F/O."""
     for keyword in _TYPE2_TEXT:
         if keyword not in fixed:
             setattr(fixed, keyword, "")
@@ -184,6 +203,10 @@ def with_patient_study_fallbacks(ds: Dataset) -> Dataset:
         fixed.PatientSex = sex if sex in _PATIENT_SEX_VALUES else ""
         changes["PatientSex"] = "not M/F/O"
 
+
+def _repair_copied_values(fixed: Dataset, changes: dict[str, str]) -> None:
+    """Step 3: other copied Patient/Study attributes with invalid values: type 3
+    dropped, type 2 emptied; identity attributes kept verbatim."""
     for keyword, attr_type in _copied_attribute_types(str(fixed.SOPClassUID)).items():
         if keyword in changes or keyword in _IDENTITY or keyword not in fixed:
             continue
@@ -207,14 +230,6 @@ def with_patient_study_fallbacks(ds: Dataset) -> Dataset:
         elif attr_type.startswith("3"):
             delattr(fixed, keyword)
             changes[keyword] = "invalid value, dropped"
-
-    if not changes:
-        return ds
-    logger.warning(
-        "source patient/study header repaired for the derived objects: %s",
-        ", ".join(f"{k} ({why})" for k, why in sorted(changes.items())),
-    )
-    return fixed
 
 
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
@@ -320,7 +335,7 @@ def _copied_attribute_types(sop_class_uid: str) -> dict[str, str]:
             get_sop_class_iod_map,
         )
     except ImportError:  # pragma: no cover - depends on highdicom internals
-        logger.warning("highdicom module tables unavailable; not validating copied attributes")
+        log.warning("highdicom module tables unavailable; not validating copied attributes")
         return {}
     iod = get_sop_class_iod_map().get(sop_class_uid)
     if iod is None:
@@ -338,9 +353,9 @@ def _copied_attribute_types(sop_class_uid: str) -> dict[str, str]:
 
 def _slice_normal(iop: Sequence[float]) -> npt.NDArray[np.float64]:
     """Unit normal of the image plane (row cosine x column cosine)."""
-    v = np.asarray([float(x) for x in iop], dtype=float)
-    n = np.cross(v[:3], v[3:])
-    return n / np.linalg.norm(n)
+    v = np.asarray([float(x) for x in iop], dtype=np.float64)
+    n: npt.NDArray[np.float64] = np.cross(v[:3], v[3:])
+    return n / float(np.linalg.norm(n))
 
 
 def _regular_slice_spacing(source_images: Sequence[Dataset]) -> float | None:
@@ -401,7 +416,7 @@ def prepare_sources(source_images: Sequence[Dataset]) -> list[Dataset]:
                 "source images give no SliceThickness and no regular slice spacing "
                 "to derive one from"
             )
-        logger.warning("first source image lacks a valid SliceThickness; using %s", why)
+        log.warning("first source image lacks a valid SliceThickness; using %s", why)
         measures["SliceThickness"] = f"{thickness:.6g}"
 
     declared = _positive_ds(first, "SpacingBetweenSlices")
@@ -410,7 +425,7 @@ def prepare_sources(source_images: Sequence[Dataset]) -> list[Dataset]:
     ):
         # highdicom copies a declared value verbatim and computes one from the
         # positions only when it is absent: drop a value the positions contradict.
-        logger.warning("SpacingBetweenSlices disagrees with the slice positions; recomputing it")
+        log.warning("SpacingBetweenSlices disagrees with the slice positions; recomputing it")
         measures["SpacingBetweenSlices"] = None
 
     if measures:

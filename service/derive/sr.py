@@ -156,7 +156,7 @@ __all__ = [
     "read_lesion_volume_ml",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
@@ -482,6 +482,31 @@ def _core_group(
     return group
 
 
+@dataclass(frozen=True, slots=True)
+class _ReportSeries:
+    """The SR's own series, instance and equipment attributes."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    instance_number: int
+    series_description: str
+    manufacturer: str
+    manufacturer_model_name: str
+    software_version: str
+    device_serial_number: str
+
+
+@dataclass(frozen=True, slots=True)
+class _ReportScope:
+    """What the report states beyond the whole-lesion volume, and how much of it."""
+
+    findings: LesionFindings | None
+    core_volume_cutoffs_ml: Sequence[float]
+    max_itemised_lesions: int
+    finding_site: Code | hd.sr.CodedConcept | None
+
+
 def build_volume_report(
     seg: hd.seg.Segmentation | Dataset,
     source_images: Sequence[Dataset] | SliceSources,
@@ -535,113 +560,187 @@ def build_volume_report(
     volume = float(lesion_volume_ml)
     if not math.isfinite(volume) or volume < 0.0:
         raise ValueError(f"lesion_volume_ml must be a finite number >= 0, got {lesion_volume_ml!r}")
+    sources = _checked_sources(seg, source_images)
+    scope = _ReportScope(findings, core_volume_cutoffs_ml, max_itemised_lesions, finding_site)
+    _check_request(scope, volume, sources, series_number, instance_number)
+    series = _ReportSeries(
+        series_instance_uid=series_instance_uid or hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
+        series_number=series_number,
+        instance_number=instance_number,
+        series_description=series_description,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name or algorithm.name,
+        software_version=software_version,
+        device_serial_number=device_serial_number,
+    )
+    _check_own_series(series, seg, sources)
+    groups = _imaging_measurements(seg, sources, volume, scope, algorithm)
+    sr = _comprehensive_3d_sr(series, groups, seg, sources, findings, previous_versions)
+    _log_built(sr, seg, volume, findings)
+    return sr
+
+
+def _log_built(
+    sr: Dataset, seg: hd.seg.Segmentation | Dataset, volume: float, findings: LesionFindings | None
+) -> None:
+    log.info(
+        "built lesion volume SR",
+        extra={
+            "series_instance_uid": str(sr.SeriesInstanceUID),
+            "sop_instance_uid": str(sr.SOPInstanceUID),
+            "seg_sop_instance_uid": str(seg.SOPInstanceUID),
+            "lesion_volume_ml": volume,
+            "lesion_count": findings.lesion_count if findings is not None else None,
+        },
+    )
+
+
+def _checked_sources(
+    seg: hd.seg.Segmentation | Dataset, source_images: Sequence[Dataset] | SliceSources
+) -> SliceSources:
+    """The sources as :class:`SliceSources`, checked to be the sources of ``seg``."""
     if len(source_images) == 0:
         raise ValueError("at least one source image is required")
     sources = as_slice_sources(source_images)
     _check_seg(seg, sources)
+    return sources
+
+
+def _check_request(
+    scope: _ReportScope,
+    volume: float,
+    sources: SliceSources,
+    series_number: int,
+    instance_number: int,
+) -> None:
+    """Raise ``ValueError`` unless the numbers are valid and the findings are of this mask."""
     if series_number < 1 or instance_number < 1:
         raise ValueError("series_number and instance_number must be positive")
-    if max_itemised_lesions < 0:
+    if scope.max_itemised_lesions < 0:
         raise ValueError("max_itemised_lesions must be >= 0")
-    if findings is not None:
-        _check_findings(findings, volume, sources)
-    elif core_volume_cutoffs_ml:
+    if scope.findings is not None:
+        _check_findings(scope.findings, volume, sources)
+    elif scope.core_volume_cutoffs_ml:
         raise ValueError("core-volume comparisons need findings (the ADC core volume)")
 
-    series_uid = series_instance_uid or hd.UID()
-    sop_uid = sop_instance_uid or hd.UID()
-    if series_uid in {str(seg.SeriesInstanceUID)} | {
+
+def _check_own_series(
+    series: _ReportSeries, seg: hd.seg.Segmentation | Dataset, sources: SliceSources
+) -> None:
+    """A report in the SEG's or a source's series would be filed as part of that series."""
+    if series.series_instance_uid in {str(seg.SeriesInstanceUID)} | {
         str(ds.SeriesInstanceUID) for ds in sources.objects
     }:
         raise ValueError("the SR must be in its own series, not the SEG's or the source series")
 
-    observer = hd.sr.ObserverContext(
+
+def _device_observer(series: _ReportSeries) -> hd.sr.ObserverContext:
+    """Observer context: this installation as a device, the algorithm as its model."""
+    return hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(codes.DCM.Device),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_observer_uid(manufacturer, device_serial_number),
-            name=manufacturer,
-            manufacturer_name=manufacturer,
-            model_name=manufacturer_model_name or algorithm.name,
-            serial_number=device_serial_number,
+            uid=device_observer_uid(series.manufacturer, series.device_serial_number),
+            name=series.manufacturer,
+            manufacturer_name=series.manufacturer,
+            model_name=series.manufacturer_model_name,
+            serial_number=series.device_serial_number,
         ),
     )
-    algorithm_id = sr_algorithm_identification(algorithm)
-    main_tracking_uid = _segment_tracking_uid(seg)
-    measurements = [hd.sr.Measurement(name=VOLUME, value=volume, unit=MILLILITER)]
-    texts: list[hd.sr.ContentItem] = []
-    if findings is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                name=NUMBER_OF_LESIONS,
-                value=findings.lesion_count,
-                unit=NO_UNITS,
-                method=CONNECTED_COMPONENTS_26,
-            )
-        )
-        if findings.mean_adc is not None:
-            measurements.append(
-                hd.sr.Measurement(
-                    name=APPARENT_DIFFUSION_COEFFICIENT,
-                    value=findings.mean_adc,
-                    unit=UM2_PER_S,
-                    derivation=MEAN,
-                )
-            )
-        if findings.mean_probability is not None:
-            measurements.append(
-                hd.sr.Measurement(
-                    name=MEAN_LESION_PROBABILITY, value=findings.mean_probability, unit=NO_UNITS
-                )
-            )
-        measurements.append(
-            hd.sr.Measurement(
-                name=borderline_fraction_code(*findings.borderline_range),
-                value=findings.borderline_fraction,
-                unit=NO_UNITS,
-            )
-        )
-        if findings.input_quality:
-            texts.append(_text(IMAGE_QUALITY, findings.input_quality))
-        if findings.lesions:
-            texts.append(_text(COMMENT, _SIZE_COMMENT))
-        if findings.lesion_count > max_itemised_lesions:
-            rest = findings.lesions[max_itemised_lesions:]
-            texts.append(
-                _text(
-                    COMMENT,
-                    f"{len(rest)} further lesions (each {rest[0].volume_ml:.3g} mL or less) are "
-                    "counted and included in the total volume but not itemised.",
-                )
-            )
-        if findings.mimics:
-            n = len(findings.mimics)
-            texts.append(
-                _text(
-                    COMMENT,
-                    _MIMIC_COMMENT.format(
-                        n=n,
-                        s="" if n == 1 else "s",
-                        ml=f"{sum(m.volume_ml for m in findings.mimics):.3g}",
-                        verb="is" if n == 1 else "are",
-                    ),
-                )
-            )
 
+
+def _findings_measurements(findings: LesionFindings | None) -> list[hd.sr.Measurement]:
+    """The whole lesion's numbers beyond its volume: count, mean ADC, probability, borderline."""
+    if findings is None:
+        return []
+    measurements = [
+        hd.sr.Measurement(
+            name=NUMBER_OF_LESIONS,
+            value=findings.lesion_count,
+            unit=NO_UNITS,
+            method=CONNECTED_COMPONENTS_26,
+        )
+    ]
+    if findings.mean_adc is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=APPARENT_DIFFUSION_COEFFICIENT,
+                value=findings.mean_adc,
+                unit=UM2_PER_S,
+                derivation=MEAN,
+            )
+        )
+    if findings.mean_probability is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=MEAN_LESION_PROBABILITY, value=findings.mean_probability, unit=NO_UNITS
+            )
+        )
+    measurements.append(
+        hd.sr.Measurement(
+            name=borderline_fraction_code(*findings.borderline_range),
+            value=findings.borderline_fraction,
+            unit=NO_UNITS,
+        )
+    )
+    return measurements
+
+
+def _findings_texts(findings: LesionFindings | None, max_itemised: int) -> list[hd.sr.ContentItem]:
+    """The whole lesion's TEXT items: input quality, and comments on sizes, the lesions not
+    itemised and the components set aside, each only where there is something to say."""
+    if findings is None:
+        return []
+    texts: list[hd.sr.ContentItem] = []
+    if findings.input_quality:
+        texts.append(_text(IMAGE_QUALITY, findings.input_quality))
+    if findings.lesions:
+        texts.append(_text(COMMENT, _SIZE_COMMENT))
+    if findings.lesion_count > max_itemised:
+        rest = findings.lesions[max_itemised:]
+        texts.append(
+            _text(
+                COMMENT,
+                f"{len(rest)} further lesions (each {rest[0].volume_ml:.3g} mL or less) are "
+                "counted and included in the total volume but not itemised.",
+            )
+        )
+    if findings.mimics:
+        n = len(findings.mimics)
+        comment = _MIMIC_COMMENT.format(
+            n=n,
+            s="" if n == 1 else "s",
+            ml=f"{sum(m.volume_ml for m in findings.mimics):.3g}",
+            verb="is" if n == 1 else "are",
+        )
+        texts.append(_text(COMMENT, comment))
+    return texts
+
+
+def _whole_lesion_group(
+    seg: hd.seg.Segmentation | Dataset,
+    sources: SliceSources,
+    volume: float,
+    scope: _ReportScope,
+    tracking_uid: str,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for segment 1 of ``seg``: the lesion volume, present/absent, and the findings."""
+    site = scope.finding_site
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=main_tracking_uid,
+            uid=tracking_uid,
             identifier=LESION_TRACKING_ID,
         ),
         referenced_segment=_referenced_segment(seg, sources),
         finding_type=INFARCT,
         finding_category=LESION_CATEGORY,
         algorithm_id=algorithm_id,
-        finding_sites=(
-            [hd.sr.FindingSite(anatomic_location=finding_site)]
-            if finding_site is not None
-            else None
-        ),
-        measurements=measurements,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=site)] if site is not None else None,
+        measurements=[
+            hd.sr.Measurement(name=VOLUME, value=volume, unit=MILLILITER),
+            *_findings_measurements(scope.findings),
+        ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
                 name=PRESENCE_OF_PROPERTY,
@@ -649,67 +748,87 @@ def build_volume_report(
             )
         ],
     )
-    _append(group, texts)
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = [group]
-    if findings is not None and findings.validity is not None:
-        # First: the statement qualifies every number after it.
-        groups.insert(0, _validity_group(findings.validity, main_tracking_uid, algorithm_id))
-    if findings is not None:
-        groups.extend(
-            _lesion_group(lesion, findings.lesion_count, main_tracking_uid, sources, algorithm_id)
-            for lesion in findings.lesions[:max_itemised_lesions]
-        )
-        n_mimics = len(findings.mimics)
-        groups.extend(
-            _mimic_group(mimic, k, n_mimics, main_tracking_uid, sources, algorithm_id)
-            for k, mimic in enumerate(findings.mimics, start=1)
-        )
-        groups.append(
-            _core_group(findings, main_tracking_uid, algorithm_id, core_volume_cutoffs_ml)
-        )
+    _append(group, _findings_texts(scope.findings, scope.max_itemised_lesions))
+    return group
 
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=BRAIN_MRI,
-        imaging_measurements=groups,
+
+def _imaging_measurements(
+    seg: hd.seg.Segmentation | Dataset,
+    sources: SliceSources,
+    volume: float,
+    scope: _ReportScope,
+    algorithm: AlgorithmInfo,
+) -> list[_Group]:
+    """The report's measurement groups, in reading order.
+
+    The domain-of-validity statement first (it qualifies every number after
+    it), then the whole lesion, each itemised lesion, each set-aside
+    component and the ADC core.
+    """
+    algorithm_id = sr_algorithm_identification(algorithm)
+    tracking_uid = _segment_tracking_uid(seg)  # the SEG segment's: groups derive theirs from it
+    groups: list[_Group] = [
+        _whole_lesion_group(seg, sources, volume, scope, tracking_uid, algorithm_id)
+    ]
+    findings = scope.findings
+    if findings is None:
+        return groups
+    if findings.validity is not None:
+        groups.insert(0, _validity_group(findings.validity, tracking_uid, algorithm_id))
+    groups.extend(
+        _lesion_group(lesion, findings.lesion_count, tracking_uid, sources, algorithm_id)
+        for lesion in findings.lesions[: scope.max_itemised_lesions]
     )
-    # evidence[0] supplies the SR's patient/study modules (and the acquisition
-    # equipment listed as contributing equipment), hence the patched source first.
+    n_mimics = len(findings.mimics)
+    groups.extend(
+        _mimic_group(mimic, k, n_mimics, tracking_uid, sources, algorithm_id)
+        for k, mimic in enumerate(findings.mimics, start=1)
+    )
+    groups.append(_core_group(findings, tracking_uid, algorithm_id, scope.core_volume_cutoffs_ml))
+    return groups
+
+
+def _comprehensive_3d_sr(
+    series: _ReportSeries,
+    groups: Sequence[_Group],
+    seg: hd.seg.Segmentation | Dataset,
+    sources: SliceSources,
+    findings: LesionFindings | None,
+    previous_versions: Sequence[Dataset],
+) -> hd.sr.Comprehensive3DSR:
+    """The SR document holding the TID 1500 report, with the sources and ``seg`` as evidence.
+
+    ``evidence[0]`` supplies the SR's patient/study modules (and the
+    acquisition equipment listed as contributing equipment), hence the
+    patched first source.  COMPLETE and FINAL (this run will not revise it)
+    but UNVERIFIED: no person attested it.
+    """
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=_device_observer(series)
+        ),
+        procedure_reported=BRAIN_MRI,
+        imaging_measurements=list(groups),
+    )
     objects = sources.objects
-    evidence = [with_patient_study_fallbacks(objects[0]), *objects[1:], seg]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
+    return hd.sr.Comprehensive3DSR(
+        evidence=[with_patient_study_fallbacks(objects[0]), *objects[1:], seg],
         content=report,
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        manufacturer=manufacturer,
+        series_instance_uid=series.series_instance_uid,
+        series_number=series.series_number,
+        sop_instance_uid=series.sop_instance_uid,
+        instance_number=series.instance_number,
+        manufacturer=series.manufacturer,
         is_complete=True,
-        # Final: this run will not revise it; UNVERIFIED says no person attested it.
         is_final=True,
         is_verified=False,
-        series_description=series_description,
-        manufacturer_model_name=manufacturer_model_name or algorithm.name,
-        software_versions=software_version,
-        device_serial_number=device_serial_number,
+        series_description=series.series_description,
+        manufacturer_model_name=series.manufacturer_model_name,
+        software_versions=series.software_version,
+        device_serial_number=series.device_serial_number,
         coding_schemes=[private_coding_scheme()] if findings is not None else None,
         previous_versions=list(previous_versions) or None,
     )
-    logger.info(
-        "built lesion volume SR",
-        extra={
-            "series_instance_uid": series_uid,
-            "sop_instance_uid": sop_uid,
-            "seg_sop_instance_uid": str(seg.SOPInstanceUID),
-            "lesion_volume_ml": volume,
-            "lesion_count": findings.lesion_count if findings is not None else None,
-        },
-    )
-    return sr
 
 
 # ---------------------------------------------------------------------- reading
@@ -1002,75 +1121,37 @@ def read_lesion_findings(sr_dataset: Dataset) -> ReportedFindings:
     content = _parse_report(sr_dataset)
     main = _lesion_group_of(content)
     (volume,) = main.get_measurements(name=VOLUME)
-    count_items = main.get_measurements(name=NUMBER_OF_LESIONS)
-    if len(count_items) > 1:
-        raise ValueError("more than one lesion count")
-    presence = _code_value(main, PRESENCE_OF_PROPERTY)
+    count, count_method = _lesion_count(main)
     borderline = [
         m
         for m in main.get_measurements()
         if m.name.scheme_designator == PRIVATE_SCHEME and m.name.value.startswith("BORDER")
     ]
     quality = _texts(main, IMAGE_QUALITY)
-
-    lesion_groups = content.get_volumetric_roi_measurement_groups(
-        finding_type=INFARCT, reference_type=codes.DCM.VolumeSurface
-    )
-    core_groups = [
-        g
-        for g in content.get_image_measurement_groups(finding_type=INFARCT)
-        if g.method is not None and g.method.value.startswith("ADCLT")
-    ]
-    if len(core_groups) > 1:
-        raise ValueError("more than one ADC core group")
-    core_volume: float | None = None
-    below: dict[float, bool] = {}
-    comments = list(_texts(main, COMMENT))
-    if core_groups:
-        core = core_groups[0]
-        (core_measurement,) = core.get_measurements(name=VOLUME)
-        core_volume = _in_ml(core_measurement)
-        for item in _children(core):
-            if item.ValueType != "CODE":
-                continue
-            name = hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
-            if name.scheme_designator == PRIVATE_SCHEME and name.value.startswith("CORELT"):
-                answer = hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0])
-                below[float(name.value.removeprefix("CORELT"))] = answer == YES
-        comments.extend(_texts(core, COMMENT))
-
-    algorithm_name = algorithm_version = None
-    parameters: list[str] = []
-    for item in _children(main):
-        name = hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
-        if name == codes.DCM.AlgorithmName:
-            algorithm_name = str(item.TextValue)
-        elif name == codes.DCM.AlgorithmVersion:
-            algorithm_version = str(item.TextValue)
-        elif name == codes.DCM.AlgorithmParameters:
-            parameters.append(str(item.TextValue))
-
+    core = _read_core(content)
+    algorithm_name, algorithm_version, parameters = _read_algorithm(main)
     validity = _read_validity(content)
-    mimic_groups = content.get_volumetric_roi_measurement_groups(
-        finding_type=DWI_MIMIC, reference_type=codes.DCM.VolumeSurface
-    )
-    count_method = count_items[0].method if count_items else None
     return ReportedFindings(
         lesion_volume_ml=_in_ml(volume),
-        lesion_present=presence == PRESENT,
-        lesion_count=int(count_items[0].value) if count_items else None,
-        lesion_count_method=count_method.meaning if count_method is not None else None,
+        lesion_present=_code_value(main, PRESENCE_OF_PROPERTY) == PRESENT,
+        lesion_count=count,
+        lesion_count_method=count_method,
         mean_adc=_mean_adc(main),
         mean_probability=_one_value(main, MEAN_LESION_PROBABILITY),
         borderline_fraction=float(borderline[0].value) if borderline else None,
         input_quality=quality[0] if quality else None,
-        lesions=tuple(_read_lesion(g) for g in lesion_groups),
-        adc_core_volume_ml=core_volume,
-        core_volume_below=below,
-        comments=tuple(comments),
+        lesions=tuple(
+            _read_lesion(g)
+            for g in content.get_volumetric_roi_measurement_groups(
+                finding_type=INFARCT, reference_type=codes.DCM.VolumeSurface
+            )
+        ),
+        adc_core_volume_ml=core.volume_ml,
+        core_volume_below=core.below,
+        comments=(*_texts(main, COMMENT), *core.comments),
         algorithm_name=algorithm_name,
         algorithm_version=algorithm_version,
-        algorithm_parameters=tuple(parameters),
+        algorithm_parameters=parameters,
         private_schemes=tuple(
             str(item.CodingSchemeDesignator)
             for item in sr_dataset.get("CodingSchemeIdentificationSequence", [])
@@ -1080,5 +1161,73 @@ def read_lesion_findings(sr_dataset: Dataset) -> ReportedFindings:
         validity_reasons=validity.reasons if validity else (),
         validity_notes=validity.notes if validity else (),
         validity_measures=validity.measures if validity else {},
-        mimics=tuple(_read_mimic(g) for g in mimic_groups),
+        mimics=tuple(
+            _read_mimic(g)
+            for g in content.get_volumetric_roi_measurement_groups(
+                finding_type=DWI_MIMIC, reference_type=codes.DCM.VolumeSurface
+            )
+        ),
     )
+
+
+def _lesion_count(
+    main: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+) -> tuple[int | None, str | None]:
+    """The lesion count and its method's meaning (None, None: the report gives no count)."""
+    found = main.get_measurements(name=NUMBER_OF_LESIONS)
+    if len(found) > 1:
+        raise ValueError("more than one lesion count")
+    if not found:
+        return None, None
+    method = found[0].method
+    return int(found[0].value), method.meaning if method is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class _ReportedCore:
+    volume_ml: float | None
+    below: dict[float, bool]
+    comments: tuple[str, ...]
+
+
+def _read_core(content: hd.sr.MeasurementReport) -> _ReportedCore:
+    """The ADC-core group (method ADCLT<threshold>), if any: volume, cut-off answers, comments."""
+    core_groups = [
+        g
+        for g in content.get_image_measurement_groups(finding_type=INFARCT)
+        if g.method is not None and g.method.value.startswith("ADCLT")
+    ]
+    if len(core_groups) > 1:
+        raise ValueError("more than one ADC core group")
+    if not core_groups:
+        return _ReportedCore(None, {}, ())
+    core = core_groups[0]
+    (core_measurement,) = core.get_measurements(name=VOLUME)
+    volume_ml = _in_ml(core_measurement)
+    below: dict[float, bool] = {}
+    for item in _children(core):
+        if item.ValueType != "CODE":
+            continue
+        name = hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
+        if name.scheme_designator == PRIVATE_SCHEME and name.value.startswith("CORELT"):
+            answer = hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0])
+            below[float(name.value.removeprefix("CORELT"))] = answer == YES
+    return _ReportedCore(volume_ml, below, tuple(_texts(core, COMMENT)))
+
+
+def _read_algorithm(
+    main: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """TID 4019 of the lesion group: algorithm name, version and parameters."""
+    name_text: str | None = None
+    version: str | None = None
+    parameters: list[str] = []
+    for item in _children(main):
+        name = hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
+        if name == codes.DCM.AlgorithmName:
+            name_text = str(item.TextValue)
+        elif name == codes.DCM.AlgorithmVersion:
+            version = str(item.TextValue)
+        elif name == codes.DCM.AlgorithmParameters:
+            parameters.append(str(item.TextValue))
+    return name_text, version, tuple(parameters)

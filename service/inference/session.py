@@ -36,7 +36,7 @@ class LoadedModel:
 
     @property
     def provider(self) -> str:
-        return self.session.get_providers()[0]
+        return str(self.session.get_providers()[0])
 
 
 def load_model(model_dir: Path, *, intra_op_threads: int = 0) -> LoadedModel:

@@ -8,11 +8,13 @@ into slices, :mod:`~service.intake.volume` stacks them in patient space,
 together or refuses with a reason.
 """
 
-from service.intake.classify import ImageClass, ImageRole, Vendor, classify_frame, classify_image
+from service.domain import ImageRole
+from service.imaging import resample_onto
+from service.intake.classify import ImageClass, Vendor, classify_frame, classify_image
 from service.intake.planes import ImagePlane, planes_of, stack_planes
 from service.intake.reading import group_by_study, read_dicom
 from service.intake.signature import signature_of
-from service.intake.study import load_study, resample_onto
+from service.intake.study import load_study
 from service.intake.volume import stack_slices
 
 __all__ = [

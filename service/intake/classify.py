@@ -43,6 +43,9 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.domain import ImageRole
+from service.imaging import functional_group_item
+
 log = logging.getLogger(__name__)
 
 with warnings.catch_warnings():
@@ -61,16 +64,6 @@ B_VALUE_TOLERANCE = 1.0
 GE_B_VALUE_MODULUS = 1_000_000_000
 
 Vector3 = tuple[float, float, float]
-
-
-class ImageRole(enum.StrEnum):
-    """What an image contributes to lesion segmentation."""
-
-    DWI = "dwi"  # diffusion-weighted, trace/isotropic, b > 0
-    B0 = "b0"  # diffusion sequence, b = 0
-    DIRECTIONAL = "directional"  # a single gradient direction, not a trace
-    ADC = "adc"
-    OTHER = "other"
 
 
 class Vendor(enum.StrEnum):
@@ -492,24 +485,6 @@ def classify_image(ds: Dataset) -> ImageClass:
     if vendor is Vendor.UIH:
         _uih_evidence(ds, evidence)
     return _decide(tokens, evidence)
-
-
-def functional_group_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
-    """First item of functional group ``keyword`` for frame ``frame_index`` (0-based).
-
-    Per-frame groups override shared ones, as the standard says.
-    """
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None)
-    if per_frame is not None and frame_index < len(per_frame):
-        seq = per_frame[frame_index].get(keyword, None)
-        if seq:
-            return seq[0]
-    shared = ds.get("SharedFunctionalGroupsSequence", None)
-    if shared:
-        seq = shared[0].get(keyword, None)
-        if seq:
-            return seq[0]
-    return None
 
 
 def _philips_private_frame_item(ds: Dataset, frame_index: int) -> Dataset | None:

@@ -34,19 +34,18 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from service.domain import ImageVolume, SourceFrame
+from service.domain import ImageRole, ImageVolume, SourceFrame
 from service.errors import GeometryError, UnreadableImage
+from service.imaging import functional_group_item
 from service.intake.classify import (
     NO_B_VALUE,
     ImageClass,
-    ImageRole,
     Vendor,
     classify_frame,
     classify_image,
     csa_image_header,
     csa_value,
     csa_vector,
-    functional_group_item,
     image_type_tokens,
     private_element_value,
     vendor_of,
@@ -447,7 +446,7 @@ def _mosaic_count(ds: Dataset, csa: dict[str, object] | None) -> int | None:
         if isinstance(value, bytes) and len(value) == 2:
             value = int.from_bytes(value, "little")
         try:
-            count = int(float(value))  # type: ignore[arg-type]
+            count = int(float(value))
         except (TypeError, ValueError):
             continue
         if count > 0:
@@ -522,7 +521,7 @@ def _mosaic_geometries(
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise GeometryError("MOSAIC without usable plane geometry (IPP/IOP/PixelSpacing)") from exc
-    normal = csa_vector(csa, "SliceNormalVector", 3)  # type: ignore[arg-type]
+    normal = csa_vector(csa, "SliceNormalVector", 3)
     if normal is None or float(np.linalg.norm(normal)) < 1e-6:
         raise GeometryError("MOSAIC without CSA SliceNormalVector: order of its tiles unknown")
     normal = normal / np.linalg.norm(normal)
@@ -623,12 +622,13 @@ def _rwvm_holder(ds: Dataset, frame_index: int) -> Dataset | None:
     """
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", None)
     if per_frame is not None and frame_index < len(per_frame):
-        item = per_frame[frame_index]
+        item: Dataset = per_frame[frame_index]
         if "RealWorldValueMappingSequence" in item:
             return item
     shared = ds.get("SharedFunctionalGroupsSequence", None)
     if shared and "RealWorldValueMappingSequence" in shared[0]:
-        return shared[0]
+        shared_item: Dataset = shared[0]
+        return shared_item
     return None
 
 

@@ -11,8 +11,8 @@ import logging
 import numpy as np
 from pydicom.dataset import Dataset
 
-from service.db import InstanceSignature
-from service.intake.classify import ImageRole, classify_image
+from service.domain import InstanceSignature
+from service.intake.classify import classify_image
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,14 @@ def signature_of(ds: Dataset) -> InstanceSignature:
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1 or "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", [])]:
-            return InstanceSignature(series, role="", frames=max(frames, 2))
+            return InstanceSignature(series, frames=max(frames, 2))
         cls = classify_image(ds)
         position = None
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
             iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
             normal = np.cross(iop[:3], iop[3:])
             position = float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ normal)
-        role = cls.role.value if cls.role is not ImageRole.OTHER else "other"
-        return InstanceSignature(series, role=role, b_value=cls.b_value, slice_position=position)
+        return InstanceSignature(series, role=cls.role, b_value=cls.b_value, slice_position=position)
     except Exception as exc:  # an odd header must never stop a store
         log.debug("no signature for an instance: %s", type(exc).__name__)
         return InstanceSignature(series)

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import SimpleITK as sitk
 
-from service.domain import DiffusionStudy, ImageVolume, SourceFrame
+from service.domain import HIGH_B_MIN, DiffusionStudy, ImageRole, ImageVolume, SourceFrame
 from service.errors import (
     GeometryError,
     IncompleteStudy,
@@ -42,6 +41,7 @@ from service.errors import (
     StudyRefused,
     UnreadableImage,
 )
+from service.imaging import resample_onto
 from service.intake.adc import (
     MIN_TENSOR_DIRECTIONS,
     adc_to_micro,
@@ -53,7 +53,6 @@ from service.intake.adc import (
     tensor_rank,
     tensor_trace,
 )
-from service.intake.classify import ImageRole
 from service.intake.planes import (
     UIH_VFRAME,
     ImagePlane,
@@ -65,30 +64,10 @@ from service.intake.volume import check_stack
 
 log = logging.getLogger(__name__)
 
-HIGH_B_MIN = 500.0
 MIN_ADC_COVERAGE = 0.5
 
 # Kept for callers and tests written against the first intake.
 _adc_to_micro = adc_to_micro
-
-
-def as_sitk(volume: ImageVolume, voxels: np.ndarray | None = None) -> sitk.Image:
-    """``volume`` (or other ``voxels`` on its grid) as a SimpleITK image in patient coordinates."""
-    image = sitk.GetImageFromArray(volume.voxels if voxels is None else voxels)
-    image.SetOrigin(volume.origin)
-    image.SetSpacing((volume.pixel_spacing[1], volume.pixel_spacing[0], volume.slice_spacing))
-    direction = np.column_stack([volume.row_cosine, volume.column_cosine, volume.slice_cosine])
-    image.SetDirection(tuple(float(v) for v in direction.ravel()))
-    return image
-
-
-def resample_onto(volume: ImageVolume, reference: ImageVolume, *, linear: bool = True) -> ImageVolume:
-    """Resample ``volume`` onto the grid of ``reference`` (patient coordinates)."""
-    moving = as_sitk(volume)
-    ref = as_sitk(reference)
-    interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
-    out = sitk.Resample(moving, ref, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
-    return reference.with_voxels(sitk.GetArrayFromImage(out).astype(np.float32))
 
 
 def _same_grid(a: ImageVolume, b: ImageVolume) -> bool:
@@ -172,7 +151,7 @@ def _ranges(numbers: Iterable[int]) -> str:
     values = sorted(int(n) for n in numbers)
     parts: list[str] = []
     start = prev = values[0]
-    for v in values[1:] + [None]:  # type: ignore[list-item]
+    for v in values[1:] + [None]:
         if v is not None and v == prev + 1:
             prev = v
             continue
@@ -235,7 +214,8 @@ def _combined_volume(
 
 
 def _mean(images: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
-    return np.mean(np.stack(images), axis=0).astype(np.float32)
+    mean: npt.NDArray[np.float32] = np.mean(np.stack(images), axis=0).astype(np.float32)
+    return mean
 
 
 def _packaging(planes: Sequence[ImagePlane]) -> str:

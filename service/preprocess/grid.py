@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.domain import DiffusionStudy, ImageVolume
-from service.intake import resample_onto
+from service.imaging import resample_onto
 from service.preprocess.profiles import DEFAULT_PROFILE, PROFILES, ProfileOptions
 
 

@@ -35,7 +35,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from service.domain import DiffusionStudy, ImageVolume
-from service.intake.study import as_sitk
+from service.imaging import as_sitk
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class Window:
             raise ValueError(f"window high must exceed low: {self}")
 
     def apply(self, values: Array) -> Array:
-        return np.clip((values - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
+        scaled: Array = np.clip((values - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
+        return scaled
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,8 @@ def _foreground_median(dwi: Array) -> float:
 
 
 def _adc_fixed(adc: Array) -> Array:
-    return np.clip(adc / 1000.0, 0.0, 4.0).astype(np.float32)
+    scaled: Array = np.clip(adc / 1000.0, 0.0, 4.0).astype(np.float32)
+    return scaled
 
 
 def dwi_median_adc_fixed_v1(study: DiffusionStudy, options: ProfileOptions) -> tuple[Array, Array]:
@@ -130,8 +132,8 @@ def brain_mask(dwi: ImageVolume, *, blur_mm: float = 2.0, erode_voxels: int = 1)
     if erode_voxels:
         structure = np.zeros((1, 3, 3), dtype=bool)
         structure[0] = ndimage.generate_binary_structure(2, 1)
-        mask = ndimage.binary_erosion(mask, structure=structure, iterations=erode_voxels)
-    return mask
+        mask = np.asarray(ndimage.binary_erosion(mask, structure=structure, iterations=erode_voxels), dtype=bool)
+    return np.asarray(mask, dtype=bool)
 
 
 def n4_correct(dwi: ImageVolume, mask: npt.NDArray[np.bool_], *, iterations: int = 10,

@@ -26,10 +26,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from service import metrics
+from service.commitment_reports import add_storage_commitment
 from service.config import ScpTlsSettings
-from service.db import InstanceSignature, JobStore
+from service.db import JobStore
 from service.db.commitment import CommitmentStore
-from service.scp.commitment import add_storage_commitment
+from service.domain import InstanceSignature
 from service.storage import Spool
 from service.tls import server_context
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
-from kombu import Queue
+from kombu.entity import Queue
 
 from service import metrics
 from service.config import Settings, load_settings

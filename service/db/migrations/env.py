@@ -5,7 +5,6 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-import service.db.commitment  # noqa: F401  (puts the commitment tables on Base.metadata)
 from service.db.models import Base
 
 target_metadata = Base.metadata
