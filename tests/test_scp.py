@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -13,7 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from service.db import Database, JobStore
+import service.storage
+from service.db import Database, JobStore, ReceivedInstance, RecordedInstance
 from service.scp import StorageSCP
 from service.storage import Spool
 from tests.conftest import dcmtk_tool, free_port
@@ -359,3 +361,29 @@ def test_active_associations_gauge_follows_open_connections(running: _Running) -
     assert settles_at(1.0), gauge()
     second.abort()
     assert settles_at(0.0), gauge()
+
+
+def test_the_row_is_committed_only_after_the_file_is_fsynced(
+    running: _Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's write + fsync overlaps the statements, but the commit (and Success) waits for it."""
+    order: list[str] = []
+    real_fsync, real_record = os.fsync, running.store.record_received
+    monkeypatch.setattr(service.storage.os, "fsync", lambda fd: (real_fsync(fd), order.append("fsync"))[0])
+
+    def record(received: ReceivedInstance, before_commit: Callable[[], object] | None = None) -> RecordedInstance:
+        def durable_first() -> None:
+            assert before_commit is not None
+            before_commit()
+            assert Path(received.path).is_file()
+            order.append("file durable")
+        recorded = real_record(received, before_commit=durable_first)
+        order.append("committed")
+        return recorded
+
+    monkeypatch.setattr(running.store, "record_received", record)
+    files = write_series(make_dwi_series(1, 16, 16), tmp_path / "in")
+    assert _storescu(running.port, files).returncode == 0
+    # file fsync and folder fsyncs (os.fsync on the directory) before the row's commit
+    assert order[-2:] == ["file durable", "committed"] and "fsync" in order[:-2]
+    assert running.store.recorded_path(str(pydicom.dcmread(files[0]).SOPInstanceUID)) is not None

@@ -5,6 +5,8 @@ from service.db.store import (
     DestinationDelivery,
     JobStore,
     JobSummary,
+    ReceivedInstance,
+    RecordedInstance,
     validity_fields,
 )
 from service.domain import InstanceSignature
@@ -15,6 +17,8 @@ __all__ = [
     "InstanceSignature",
     "JobStore",
     "JobSummary",
+    "ReceivedInstance",
+    "RecordedInstance",
     "upgrade_schema",
     "validity_fields",
 ]

@@ -9,11 +9,23 @@ broker runs once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import ColumnElement, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from service.db.models import Delivery, Instance, Job, JobEvent, Study, utcnow
@@ -134,103 +146,44 @@ class JobStore:
         arrives after the study's job was queued opens a new job, so late images
         are processed (as a new result version) rather than dropped.
         """
+        return self.record_received(ReceivedInstance(
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            path=path,
+            size_bytes=size_bytes,
+            calling_ae_title=calling_ae_title,
+            signature=signature,
+        )).job_id
+
+    def record_received(
+        self, received: ReceivedInstance, before_commit: Callable[[], object] | None = None
+    ) -> RecordedInstance:
+        """:meth:`record_instance` for the SCP: also says where the instance was stored before.
+
+        One transaction (one commit, so one WAL fsync on SQLite) of SQLAlchemy Core
+        statements, not the ORM: this runs once per C-STORE before Success, and the ORM's
+        unit of work cost more than the fsyncs. The study row is updated first, which
+        on PostgreSQL locks it, so concurrent associations of one study queue up there.
+
+        ``before_commit`` runs inside the transaction after the statements, just before the
+        commit; if it raises, nothing is recorded. The SCP passes "wait until the file is
+        durable", so the row is never committed before its file is on disk while the file's
+        write and fsync overlap the statements.
+        """
         for attempt in range(3):
             try:
-                return self._record_instance(
-                    study_instance_uid=study_instance_uid,
-                    series_instance_uid=series_instance_uid,
-                    sop_instance_uid=sop_instance_uid,
-                    sop_class_uid=sop_class_uid,
-                    path=path,
-                    size_bytes=size_bytes,
-                    calling_ae_title=calling_ae_title,
-                    signature=signature,
-                )
+                with self.db.engine.begin() as connection:
+                    recorded = _record_received(connection, received, utcnow())
+                    if before_commit is not None:
+                        before_commit()
+                    return recorded
             except IntegrityError:
                 # Two associations inserted the same new study/instance at once.
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
-
-    def _record_instance(
-        self,
-        *,
-        study_instance_uid: str,
-        series_instance_uid: str,
-        sop_instance_uid: str,
-        sop_class_uid: str,
-        path: str,
-        size_bytes: int,
-        calling_ae_title: str,
-        signature: InstanceSignature | None,
-    ) -> int:
-        now = utcnow()
-        sig = signature or InstanceSignature(series_instance_uid)
-        with self.db.session() as s:
-            study = s.get(Study, study_instance_uid, with_for_update=True)
-            if study is None:
-                study = Study(
-                    study_instance_uid=study_instance_uid,
-                    first_received_at=now,
-                    last_received_at=now,
-                    calling_ae_title=calling_ae_title,
-                )
-                s.add(study)
-                s.flush()
-            else:
-                study.last_received_at = now
-            instance = s.get(Instance, sop_instance_uid)
-            if instance is None:
-                s.add(
-                    Instance(
-                        sop_instance_uid=sop_instance_uid,
-                        study_instance_uid=study_instance_uid,
-                        series_instance_uid=series_instance_uid,
-                        sop_class_uid=sop_class_uid,
-                        path=path,
-                        size_bytes=size_bytes,
-                        received_at=now,
-                        calling_ae_title=calling_ae_title,
-                        role=sig.role.value,
-                        b_value=sig.b_value,
-                        slice_position=sig.slice_position,
-                        frames=sig.frames,
-                    )
-                )
-            else:
-                instance.study_instance_uid = study_instance_uid
-                instance.series_instance_uid = series_instance_uid
-                instance.sop_class_uid = sop_class_uid
-                instance.path = path
-                instance.size_bytes = size_bytes
-                instance.received_at = now
-                instance.calling_ae_title = calling_ae_title
-                instance.role = sig.role.value
-                instance.b_value = sig.b_value
-                instance.slice_position = sig.slice_position
-                instance.frames = sig.frames
-            job = s.scalars(
-                select(Job).where(
-                    Job.study_instance_uid == study_instance_uid,
-                    Job.state == JobState.RECEIVED.value,
-                )
-            ).first()
-            if job is None:
-                job = Job(
-                    study_instance_uid=study_instance_uid,
-                    state=JobState.RECEIVED.value,
-                    reason="",
-                    created_at=now,
-                    updated_at=now,
-                    attempts=0,
-                    model_name="",
-                    model_version="",
-                    result_dir="",
-                )
-                s.add(job)
-                s.flush()
-                s.add(JobEvent(job_id=job.id, state=JobState.RECEIVED.value, reason="", at=now))
-            return job.id
 
     def last_received_at(self, study_instance_uid: str) -> datetime | None:
         """When the study's latest image arrived (the start of the clinical latency)."""
@@ -656,3 +609,73 @@ class JobStore:
     def deliveries(self, job_id: int) -> list[Delivery]:
         with self.db.session() as s:
             return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedInstance:
+    """One received instance as the SCP records it."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+    size_bytes: int
+    calling_ae_title: str
+    signature: InstanceSignature | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedInstance:
+    """The study's open job, and where the same SOP Instance UID was stored before (or None)."""
+
+    job_id: int
+    previous_path: str | None
+
+
+_STUDIES, _INSTANCES, _JOBS, _EVENTS = (
+    cast(Table, model.__table__) for model in (Study, Instance, Job, JobEvent))
+
+# The statements of one C-STORE, built once (SQLAlchemy then reuses their compiled form).
+_TOUCH_STUDY = (update(_STUDIES).where(_STUDIES.c.study_instance_uid == bindparam("b_study"))
+                .values(last_received_at=bindparam("b_now")))
+_NEW_STUDY = insert(_STUDIES)
+_PREVIOUS_PATH = select(_INSTANCES.c.path).where(_INSTANCES.c.sop_instance_uid == bindparam("b_sop"))
+_NEW_INSTANCE = insert(_INSTANCES)
+_REPLACE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("b_sop"))
+_OPEN_JOB = (select(_JOBS.c.id).where(_JOBS.c.study_instance_uid == bindparam("b_study"),
+                                      _JOBS.c.state == JobState.RECEIVED.value).limit(1))
+_NEW_JOB = insert(_JOBS)
+_NEW_EVENT = insert(_EVENTS)
+
+
+def _record_received(connection: Connection, received: ReceivedInstance, now: datetime) -> RecordedInstance:
+    """The statements of :meth:`JobStore.record_received`, inside its transaction."""
+    study_uid, sop_uid = received.study_instance_uid, received.sop_instance_uid
+    if connection.execute(_TOUCH_STUDY, {"b_study": study_uid, "b_now": now}).rowcount == 0:
+        connection.execute(_NEW_STUDY, {
+            "study_instance_uid": study_uid, "first_received_at": now, "last_received_at": now,
+            "calling_ae_title": received.calling_ae_title})
+    sig = received.signature or InstanceSignature(received.series_instance_uid)
+    row = {
+        "study_instance_uid": study_uid, "series_instance_uid": received.series_instance_uid,
+        "sop_class_uid": received.sop_class_uid, "path": received.path, "size_bytes": received.size_bytes,
+        "received_at": now, "calling_ae_title": received.calling_ae_title, "role": sig.role.value,
+        "b_value": sig.b_value, "slice_position": sig.slice_position, "frames": sig.frames,
+    }
+    previous = connection.execute(_PREVIOUS_PATH, {"b_sop": sop_uid}).scalar()
+    if previous is None:
+        connection.execute(_NEW_INSTANCE, {"sop_instance_uid": sop_uid, **row})
+    else:
+        connection.execute(_REPLACE_INSTANCE, {"b_sop": sop_uid, **row})
+    job_id = connection.execute(_OPEN_JOB, {"b_study": study_uid}).scalar()
+    if job_id is None:
+        key = connection.execute(_NEW_JOB, {
+            "study_instance_uid": study_uid, "state": JobState.RECEIVED.value, "reason": "",
+            "created_at": now, "updated_at": now, "attempts": 0, "model_name": "", "model_version": "",
+            "result_dir": ""}).inserted_primary_key
+        assert key is not None
+        job_id = key[0]
+        connection.execute(_NEW_EVENT, {"job_id": job_id, "state": JobState.RECEIVED.value, "reason": "",
+                                        "at": now})
+    return RecordedInstance(int(job_id), None if previous is None else str(previous))

@@ -13,7 +13,8 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from service import metrics
 from service.commitment_reports import add_storage_commitment
 from service.config import ScpTlsSettings
-from service.db import JobStore
+from service.db import JobStore, ReceivedInstance
 from service.db.commitment import CommitmentStore
 from service.domain import InstanceSignature
 from service.storage import Spool
@@ -77,6 +78,9 @@ class StoreHandler:
     store: JobStore
     describe: Describe | None = None  # header-only signature for content-aware completion
     min_free_bytes: int = 0  # refuse (0xA700) a store that would leave less free space than this
+    #: Writes and fsyncs received files while the association's thread records them.
+    _io: futures.ThreadPoolExecutor = field(
+        default_factory=lambda: futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-write"))
 
     def __call__(self, event: Any) -> int:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
@@ -120,19 +124,24 @@ class StoreHandler:
                 return OUT_OF_RESOURCES
             target = self.spool.instance_path(study_uid, series_uid, sop_uid)
             new_file = not target.exists()
-            before = self.store.recorded_path(sop_uid)
-            path = self.spool.store_instance(study_uid, series_uid, sop_uid, data)
-            signature = self.describe(ds) if self.describe is not None else None
+            # The file's write + fsync runs on the I/O thread while this thread computes the
+            # signature and runs the database statements; the transaction commits only once
+            # the file is durable (write.result), and Success is answered only after that.
+            write = self._io.submit(self.spool.store_instance, study_uid, series_uid, sop_uid, data)
             try:
-                self._record(event, (study_uid, series_uid, sop_uid), path, len(data), calling_ae, signature)
+                signature = self.describe(ds) if self.describe is not None else None
+                recorded = self.store.record_received(ReceivedInstance(
+                    study_uid, series_uid, sop_uid, str(event.request.AffectedSOPClassUID), str(target),
+                    len(data), calling_ae, signature), before_commit=write.result)
             except Exception:
+                futures.wait([write])
                 if new_file:  # not recorded: leave no orphan (the sender keeps its copy and retries)
-                    path.unlink(missing_ok=True)
+                    target.unlink(missing_ok=True)
                 raise
-            if before is not None and before != str(path):
+            if recorded.previous_path is not None and recorded.previous_path != str(target):
                 # The same SOP Instance UID re-sent under another study or series: the record
                 # moved to the new file, so the old one would be an orphan.
-                Path(before).unlink(missing_ok=True)
+                Path(recorded.previous_path).unlink(missing_ok=True)
         except Exception:
             log.exception("C-STORE from %s could not be persisted; answering failure", calling_ae)
             metrics.STORE_FAILURES.labels(status=hex(OUT_OF_RESOURCES)).inc()
@@ -140,20 +149,6 @@ class StoreHandler:
         metrics.INSTANCES_RECEIVED.labels(sop_class=str(event.request.AffectedSOPClassUID)).inc()
         metrics.INSTANCE_BYTES.inc(len(data))
         return SUCCESS
-
-    def _record(self, event: Any, uids: tuple[str, str, str], path: Path, size: int,
-                calling_ae: str, signature: InstanceSignature | None) -> None:
-        study_uid, series_uid, sop_uid = uids
-        self.store.record_instance(
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            path=str(path),
-            size_bytes=size,
-            calling_ae_title=calling_ae,
-            signature=signature,
-        )
 
     def _short_of_space(self, size: int) -> str:
         """Why this store must wait for space ('' when there is room); reports the free space."""
