@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -83,6 +86,43 @@ COMMITMENT_REQUESTS = Counter(
     "Storage Commitment requests (N-ACTION) sent",
     ["destination", "accepted"],
 )
+
+#: Where a worker's time goes, per job: read (DICOM files), intake (classify, stack), preprocess,
+#: inference (network and back to the native grid), assess (restriction guard, validity, findings),
+#: sources (the headers SEG and SR reference), seg, sr, overlay, write (results to the spool),
+#: deliver (C-STORE to every destination).
+STAGES = ("read", "intake", "preprocess", "inference", "assess", "sources", "seg", "sr", "overlay",
+          "write", "deliver")
+STAGE_SECONDS = Histogram(
+    "strokeseg_stage_seconds", "Worker time per pipeline stage of one job", ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+_stage_timings: ContextVar[dict[str, float] | None] = ContextVar("stage_timings", default=None)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Time one pipeline stage into ``strokeseg_stage_seconds{stage}`` (and :func:`collect_stages`)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        STAGE_SECONDS.labels(stage=name).observe(elapsed)
+        timings = _stage_timings.get()
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + elapsed
+
+
+@contextmanager
+def collect_stages() -> Iterator[dict[str, float]]:
+    """The seconds each stage took inside the ``with`` block (for one job's log line)."""
+    timings: dict[str, float] = {}
+    token = _stage_timings.set(timings)
+    try:
+        yield timings
+    finally:
+        _stage_timings.reset(token)
 
 
 Readiness = Callable[[], list[str]]

@@ -135,28 +135,19 @@ def segment_files(
     metrics.INFERENCE_SECONDS.labels(model=model.card.name, provider=model.provider).observe(
         inference_s
     )
-    assessment: Assessment = assess(
-        study, network, brain_mask(study.dwi),
-        assess_options(assess_settings or AssessSettings(), derive, model),
-    )
-    segmentation = assessment.segmentation
-    try:
-        findings = compute_lesion_findings(
-            segmentation.mask,
-            segmentation.probability,
-            study.adc.voxels,
-            assessment.brain_mask,
-            GridGeometry.from_volume(study.dwi),
-            input_quality="; ".join(study.notes),
-            adc_core_threshold=assessment.validity.adc_core_threshold,
-            core_min_cluster_ml=derive.core_min_cluster_ml,
-            mimics=assessment.mimics,
-            validity=assessment.validity,
-            core_region=segmentation.mask if derive.core_scope == "lesion" else None,
+    with metrics.stage("assess"):
+        assessment = assess(
+            study, network, brain_mask(study.dwi),
+            assess_options(assess_settings or AssessSettings(), derive, model),
         )
+        try:
+            findings = _findings(study, assessment, derive)
+        except ValueError as exc:
+            raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
+    try:
         objects = write_results(
             DerivationSources.from_study(study),
-            LesionMask.from_segmentation(segmentation),
+            LesionMask.from_segmentation(assessment.segmentation),
             findings,
             algorithm_of(model),
             out_dir,
@@ -168,7 +159,25 @@ def segment_files(
         )
     except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
         raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
-    return StudyResult(study, segmentation, objects, inference_s, assessment.validity, findings)
+    return StudyResult(study, assessment.segmentation, objects, inference_s, assessment.validity, findings)
+
+
+def _findings(study: DiffusionStudy, assessment: Assessment, derive: DeriveSettings) -> LesionFindings:
+    """The lesion findings the SR reports (count, per-lesion numbers, ADC core, quality)."""
+    segmentation = assessment.segmentation
+    return compute_lesion_findings(
+        segmentation.mask,
+        segmentation.probability,
+        study.adc.voxels,
+        assessment.brain_mask,
+        GridGeometry.from_volume(study.dwi),
+        input_quality="; ".join(study.notes),
+        adc_core_threshold=assessment.validity.adc_core_threshold,
+        core_min_cluster_ml=derive.core_min_cluster_ml,
+        mimics=assessment.mimics,
+        validity=assessment.validity,
+        core_region=segmentation.mask if derive.core_scope == "lesion" else None,
+    )
 
 
 def model_router(settings: Settings) -> ModelRouter:
@@ -418,8 +427,13 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | None:
     if not ctx.store.claim(job_id, ctx.worker_id, lease_s):
         log.info("job %d is not queued (taken by a live worker, or finished); skipping", job_id, extra=extra)
         return None
-    with LeaseKeeper(ctx.store, job_id, ctx.worker_id, lease_s):
-        return _run_claimed(ctx, job_id)
+    started = time.perf_counter()
+    with LeaseKeeper(ctx.store, job_id, ctx.worker_id, lease_s), metrics.collect_stages() as stages:
+        state = _run_claimed(ctx, job_id)
+    log.info("job %d: %.2f s from claim to %s (%s)", job_id, time.perf_counter() - started,
+             state.value if state else "not recorded",
+             ", ".join(f"{name} {seconds:.3f} s" for name, seconds in stages.items()), extra=extra)
+    return state
 
 
 def _run_claimed(ctx: WorkerContext, job_id: int) -> JobState | None:
@@ -456,7 +470,8 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> JobState | None:
         reason = "no destinations configured; results kept in the spool"
         log.warning("job %d: %s", job_id, reason, extra=extra)
         return _finish(ctx, job_id, JobState.DELIVERED, reason, fields)
-    problems = _deliver(ctx, job_id, objects)
+    with metrics.stage("deliver"):
+        problems = _deliver(ctx, job_id, objects)
     if problems:
         reason, retry_fields = _retry_later(ctx, summary, "delivery failed: " + "; ".join(problems))
         log.warning("job %d %s", job_id, reason, extra=extra)

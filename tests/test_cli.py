@@ -72,3 +72,18 @@ def test_segment_all_ok_exits_zero(tmp_path: Path, phantom_cases: list[Path]) ->
     result = _cli("segment", str(phantom_cases[0] / "dicom"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "\tok\t" in result.stdout
+
+
+def test_benchmark_script_runs_its_quick_mode_and_prints_every_figure() -> None:
+    """scripts/benchmark.py (issue 14) end to end on tiny sizes: the harness, not the figures."""
+    assert subprocess.run([sys.executable, "scripts/benchmark.py", "--help"], cwd=REPO,
+                          capture_output=True).returncode == 0
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--quick"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert figures["ingest"]["ratio"] > 0 and figures["ingest"]["images"] == 10
+    e2e = figures["e2e"]
+    assert e2e["delivered"] == e2e["studies"] == 1
+    assert e2e["worker_s"]["p50"] > 0 and e2e["worker_peak_rss_mb"] > 0
+    assert {"read", "intake", "inference", "seg", "sr", "deliver"} <= set(e2e["stages_mean_s"])

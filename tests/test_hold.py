@@ -142,3 +142,29 @@ def test_deliver_policy_sends_an_out_of_range_result_flagged(
         assert row[1] == "delivered" and OUTSIDE_B in row[-1]
     finally:
         ctx.db.dispose()
+
+
+def test_run_job_times_every_stage_and_logs_the_breakdown(
+    tmp_path: Path, phantom_cases: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: ``strokeseg_stage_seconds{stage}`` and one log line per job say where the time went."""
+    from prometheus_client import REGISTRY
+
+    def count(stage: str) -> float:
+        return REGISTRY.get_sample_value("strokeseg_stage_seconds_count", {"stage": stage}) or 0.0
+
+    stages = ("read", "intake", "preprocess", "inference", "assess", "sources", "seg", "sr", "write", "deliver")
+    before = {stage: count(stage) for stage in stages}
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_config(tmp_path / "strokeseg.yaml", scp_port=free_port(), spool=tmp_path / "spool",
+                              destinations=[pacs.destination()])
+        ctx = WorkerContext.from_settings(load_settings(config))
+        try:
+            job_id = _receive_study(ctx, phantom_cases[0])
+            with caplog.at_level("INFO", logger="service.pipeline"):
+                assert run_job(ctx, job_id) is JobState.DELIVERED
+        finally:
+            ctx.db.dispose()
+    assert {stage: count(stage) - before[stage] for stage in stages} == dict.fromkeys(stages, 1.0)
+    line = next(r.getMessage() for r in caplog.records if "from claim to delivered" in r.getMessage())
+    assert all(f"{stage} " in line for stage in stages)

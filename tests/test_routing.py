@@ -93,3 +93,30 @@ def test_study_is_segmented_by_its_vendors_model(tmp_path: Path) -> None:
         assert result.segmentation.lesion_volume_ml > 1.0
     default_name = load_model_card(BUNDLED).name
     assert names == {"ge": "unet2d-phantom-ge", "siemens_classic": default_name}
+
+
+def test_io_binding_path_gives_the_plain_runs_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The IO-binding path a CUDA worker takes (issue 14), run here on the CPU provider (no GPU)."""
+    import numpy as np
+
+    from service.inference import session as inference
+
+    model = inference.load_model(BUNDLED)
+    assert not model.io_binding  # CPU: plain runs
+    shape = model.session.get_inputs()[0].shape
+    batch = np.random.default_rng(14).random(
+        (3, *(d if isinstance(d, int) else 1 for d in shape[1:])), dtype=np.float32)
+    plain = inference._network_probability(model, batch)
+    real_run_bound = inference.run_bound
+    assert np.allclose(real_run_bound(model, batch, "cpu").reshape(plain.shape), plain, atol=1e-6)
+    # a CUDA session takes the bound path for every batch, on device "cuda" (here: on the CPU)
+    devices: list[str] = []
+
+    def on_cpu(m: inference.LoadedModel, b: np.ndarray, device: str) -> np.ndarray:
+        devices.append(device)
+        return real_run_bound(m, b, "cpu")
+
+    monkeypatch.setattr(inference.LoadedModel, "io_binding", property(lambda self: True))
+    monkeypatch.setattr(inference, "run_bound", on_cpu)
+    assert np.allclose(inference._network_probability(model, batch), plain, atol=1e-6)
+    assert devices == ["cuda"]

@@ -387,3 +387,16 @@ def test_the_row_is_committed_only_after_the_file_is_fsynced(
     # file fsync and folder fsyncs (os.fsync on the directory) before the row's commit
     assert order[-2:] == ["file durable", "committed"] and "fsync" in order[:-2]
     assert running.store.recorded_path(str(pydicom.dcmread(files[0]).SOPInstanceUID)) is not None
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498." + "9" * 37])
+@pytest.mark.parametrize("transfer_syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"])
+def test_the_file_header_is_the_one_pynetdicom_writes(sop_instance_uid: str, transfer_syntax: str) -> None:
+    """The SCP builds the Part 10 header itself (faster); byte for byte pynetdicom's encoded_dataset()'s."""
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from service.scp.server import file_meta_bytes
+
+    expected = b"\0" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+        sop_class_uid=MRImageStorage, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax))
+    assert file_meta_bytes(MRImageStorage, sop_instance_uid, transfer_syntax) == expected

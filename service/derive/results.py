@@ -38,6 +38,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 
+from service import metrics
 from service.derive.algorithm import AlgorithmInfo
 from service.derive.concepts import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
@@ -269,9 +270,11 @@ def write_results(
     """
     slices = _frames_and_tiles(sources)
     _check_same_grid(sources, segmentation, findings)
-    source_images, voxels = _read_sources(sources, slices, overlay=options.overlay is not None)
+    with metrics.stage("sources"):  # the source images' headers the SEG and SR reference
+        source_images, voxels = _read_sources(sources, slices, overlay=options.overlay is not None)
     objects = _derived_objects(source_images, voxels, segmentation, findings, algorithm, options)
-    results = [_save(kind, ds, Path(out_dir)) for kind, ds in objects]
+    with metrics.stage("write"):
+        results = [_save(kind, ds, Path(out_dir)) for kind, ds in objects]
     log.info(
         "wrote derived objects",
         extra={
@@ -359,7 +362,26 @@ def _derived_objects(
     options: DeriveOptions,
 ) -> list[tuple[str, Dataset]]:
     """(kind, dataset) of the SEG, the SR referencing it and the overlay images, in that order."""
-    seg = build_lesion_seg(
+    with metrics.stage("seg"):
+        seg = _seg(source_images, segmentation, algorithm, options)
+    with metrics.stage("sr"):
+        sr = _sr(seg, source_images, segmentation, findings, algorithm, options)
+    objects: list[tuple[str, Dataset]] = [("SEG", seg), ("SR", sr)]
+    if options.overlay is not None:
+        assert voxels is not None  # _read_sources reads them when an overlay is asked for
+        with metrics.stage("overlay"):
+            objects.extend(
+                ("OVERLAY", image)
+                for image in _overlay_images(
+                    source_images, voxels, segmentation, findings, algorithm, options, options.overlay
+                )
+            )
+    return objects
+
+
+def _seg(source_images: Sequence[Dataset] | SliceSources, segmentation: LesionMask,
+         algorithm: AlgorithmInfo, options: DeriveOptions) -> Dataset:
+    return build_lesion_seg(
         source_images,
         segmentation.mask,
         algorithm=algorithm,
@@ -370,7 +392,11 @@ def _derived_objects(
         series_instance_uid=options.uids.seg_series_instance_uid,
         sop_instance_uid=options.uids.seg_sop_instance_uid,
     )
-    sr = build_volume_report(
+
+
+def _sr(seg: Dataset, source_images: Sequence[Dataset] | SliceSources, segmentation: LesionMask,
+        findings: LesionFindings | None, algorithm: AlgorithmInfo, options: DeriveOptions) -> Dataset:
+    return build_volume_report(
         seg,
         source_images,
         segmentation.lesion_volume_ml,
@@ -387,16 +413,6 @@ def _derived_objects(
             pydicom.dcmread(p, stop_before_pixels=True) for p in options.previous_reports
         ],
     )
-    objects: list[tuple[str, Dataset]] = [("SEG", seg), ("SR", sr)]
-    if options.overlay is not None:
-        assert voxels is not None  # _read_sources reads them when an overlay is asked for
-        objects.extend(
-            ("OVERLAY", image)
-            for image in _overlay_images(
-                source_images, voxels, segmentation, findings, algorithm, options, options.overlay
-            )
-        )
-    return objects
 
 
 def _overlay_images(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from pydicom.dataset import Dataset
 
 from service.domain import InstanceSignature
@@ -27,9 +26,10 @@ def signature_of(ds: Dataset) -> InstanceSignature:
         cls = classify_image(ds)
         position = None
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
-            iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-            normal = np.cross(iop[:3], iop[3:])
-            position = float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ normal)
+            # plain floats, not numpy: this runs once per C-STORE, before Success
+            rx, ry, rz, cx, cy, cz = (float(v) for v in ds.ImageOrientationPatient)
+            x, y, z = (float(v) for v in ds.ImagePositionPatient)
+            position = x * (ry * cz - rz * cy) + y * (rz * cx - rx * cz) + z * (rx * cy - ry * cx)
         return InstanceSignature(series, role=cls.role, b_value=cls.b_value, slice_position=position)
     except Exception as exc:  # an odd header must never stop a store
         log.debug("no signature for an instance: %s", type(exc).__name__)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from service import metrics
 from service.domain import HIGH_B_MIN, DiffusionStudy, ImageRole, ImageVolume, SourceFrame
 from service.errors import (
     GeometryError,
@@ -236,7 +237,14 @@ def load_study(paths: Iterable[Path]) -> DiffusionStudy:
 
     Raises a :class:`StudyRefused` subclass when the study cannot be segmented.
     """
-    planes = read_planes(paths)
+    with metrics.stage("read"):
+        planes = read_planes(paths)
+    with metrics.stage("intake"):
+        return _assemble(planes)
+
+
+def _assemble(planes: list[ImagePlane]) -> DiffusionStudy:
+    """:func:`load_study` once the files are read."""
     if not planes:
         raise UnreadableImage("no readable DICOM images in study")
     study_uids = {p.study_instance_uid for p in planes}

@@ -34,6 +34,25 @@ _context: WorkerContext | None = None
 _settings: Settings | None = None
 
 
+#: How often a worker asks the embedded (SQLAlchemy) broker for a message. kombu's default for
+#: polled transports is 1 s, a second of latency per study; a poll is one indexed query on
+#: a small SQLite table. Redis and AMQP push messages and are not polled.
+EMBEDDED_BROKER_POLL_S = 0.1
+
+
+def _use_fast_polling(broker_url: str) -> None:
+    """Poll the embedded broker every :data:`EMBEDDED_BROKER_POLL_S`.
+
+    kombu reads ``polling_interval`` from the transport options, but its SQLAlchemy transport
+    hands every transport option to ``create_engine()``, which refuses unknown keywords: so
+    the interval is set on the transport class.
+    """
+    if broker_url.startswith("sqla+"):
+        from kombu.transport import sqlalchemy as sqla_transport
+
+        sqla_transport.Transport.polling_interval = EMBEDDED_BROKER_POLL_S
+
+
 def _transport_options(broker_url: str) -> dict[str, Any]:
     if broker_url.startswith(("redis", "rediss", "sentinel")):
         # Longer than the longest job, so Redis does not hand a running job to a second worker.
@@ -44,6 +63,7 @@ def _transport_options(broker_url: str) -> dict[str, Any]:
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("strokeseg", broker=settings.broker_url, set_as_current=False)
+    _use_fast_polling(settings.broker_url)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
