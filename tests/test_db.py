@@ -289,22 +289,15 @@ def test_read_only_commands_do_not_migrate(tmp_path: Path) -> None:
     assert run.returncode == 0 and run.stdout.startswith("id\tstate"), run.stderr
 
 
-def test_record_received_commits_nothing_when_the_file_is_not_durable(store: JobStore) -> None:
-    """The SCP's ``before_commit`` waits for the file's fsync; if that fails, no row is left."""
+def test_record_received_says_where_a_resent_instance_was_stored(store: JobStore) -> None:
+    """One transaction records the instance and returns its previous path (the SCP removes that file)."""
     received = ReceivedInstance("1.2.840.9", "1.2.840.9.1", "1.2.840.9.1.1", "1.2.840.10008.5.1.4.1.1.4",
                                 "/spool/a.dcm", 10, "MRI1")
-
-    def not_durable() -> None:
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError):
-        store.record_received(received, before_commit=not_durable)
-    assert store.recorded_path("1.2.840.9.1.1") is None
-    assert store.jobs(study_instance_uid="1.2.840.9") == []
-    first = store.record_received(received, before_commit=lambda: None)
+    first = store.record_received(received)
     assert first.previous_path is None
     assert store.recorded_path("1.2.840.9.1.1") == "/spool/a.dcm"
     moved = replace(received, series_instance_uid="1.2.840.9.2", path="/spool/b.dcm")
     again = store.record_received(moved)
-    assert again == RecordedInstance(first.job_id, "/spool/a.dcm")  # the SCP removes the old file
+    assert again == RecordedInstance(first.job_id, "/spool/a.dcm")
     assert store.instance_paths("1.2.840.9") == ["/spool/b.dcm"]
+    assert [job.id for job in store.jobs(study_instance_uid="1.2.840.9")] == [first.job_id]

@@ -9,7 +9,7 @@ broker runs once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
@@ -157,28 +157,20 @@ class JobStore:
             signature=signature,
         )).job_id
 
-    def record_received(
-        self, received: ReceivedInstance, before_commit: Callable[[], object] | None = None
-    ) -> RecordedInstance:
+    def record_received(self, received: ReceivedInstance) -> RecordedInstance:
         """:meth:`record_instance` for the SCP: also says where the instance was stored before.
 
         One transaction (one commit, so one WAL fsync on SQLite) of SQLAlchemy Core
         statements, not the ORM: this runs once per C-STORE before Success, and the ORM's
         unit of work cost more than the fsyncs. The study row is updated first, which
         on PostgreSQL locks it, so concurrent associations of one study queue up there.
-
-        ``before_commit`` runs inside the transaction after the statements, just before the
-        commit; if it raises, nothing is recorded. The SCP passes "wait until the file is
-        durable", so the row is never committed before its file is on disk while the file's
-        write and fsync overlap the statements.
+        The SCP calls it once the file is durable (an fsync'd row never points at a file
+        that a power loss could take back), and answers Success once it returns.
         """
         for attempt in range(3):
             try:
                 with self.db.engine.begin() as connection:
-                    recorded = _record_received(connection, received, utcnow())
-                    if before_commit is not None:
-                        before_commit()
-                    return recorded
+                    return _record_received(connection, received, utcnow())
             except IntegrityError:
                 # Two associations inserted the same new study/instance at once.
                 if attempt == 2:
