@@ -147,10 +147,20 @@ def _baseline_round(folder: Path, images: int) -> float:
         return elapsed
 
 
+def _ready(port: int) -> bool:
+    try:
+        return bool(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200)
+    except OSError:
+        return False
+
+
 def _strokeseg_round(folder: Path, images: int) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        work = Path(tmp)
-        with _serve(work, {}) as (port, _):
+        work, worker_port = Path(tmp), _free_port()
+        with _serve(work, {"metrics": {"worker_port": worker_port}}) as (port, _):
+            # A running service, as a scanner meets it: the worker has started and loaded its
+            # model, so its start-up does not share the two cores with the receive.
+            _wait(lambda: _ready(worker_port), 120, "the worker's /readyz", 0.2)
             elapsed = _storescu(port, folder, "STROKESEG")
         with sqlite3.connect(work / "spool" / "strokeseg.sqlite") as db:
             recorded = db.execute("select count(*) from instances").fetchone()[0]

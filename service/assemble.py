@@ -117,6 +117,14 @@ class StudyAssembler:
 
     def tick(self) -> list[int]:
         """Queue every study that is complete now (idle long enough, or by content); job ids."""
+        # One query for both checks (this runs every 0.5 s in the process that answers
+        # C-STOREs): the studies idle for the shorter wait, with how long each has been idle.
+        shortest = self.completion_timeout_s
+        if self.early_completion_grace_s is not None:
+            shortest = min(shortest, self.early_completion_grace_s)
+        candidates = self.store.received_jobs(shortest)
+        if not candidates:
+            return []
         job_ids = self._queue_idle_studies()
         if self.early_completion_grace_s is not None:
             job_ids += self._queue_studies_complete_by_content(self.early_completion_grace_s)

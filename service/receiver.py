@@ -33,7 +33,7 @@ from service.deliver.followup import CommitmentFollowUp
 from service.handoff import Dispatch, HandOff
 from service.intake import signature_of
 from service.metrics import serve_metrics
-from service.recovery import JobRecovery
+from service.recovery import JobRecovery, record_unrecorded_instances
 from service.retention import remove_orphans, sweep
 from service.scheduler import Scheduler
 from service.scp import StorageSCP
@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 #: How often the main lane looks for complete studies and due retries (seconds).
 ASSEMBLE_EVERY_S = 0.5
+#: How often due automatic retries and Storage Commitment time-outs are looked for: their
+#: delays are seconds to minutes, and each look is a query in the process that answers
+#: C-STOREs (measured: the scheduler's queries took ~4 % of the SCP's time while receiving).
+HOUSEKEEPING_EVERY_S = 2.0
 #: How often stuck jobs (expired leases, messages no worker took) are looked for.
 RECOVERY_EVERY_S = 5.0
 #: How often the commitment follow-up looks for work.
@@ -58,9 +62,14 @@ class Receiver:
         self.settings = settings
         self.db = Database(settings.database_url, lock_timeout_s=settings.database_lock_timeout_s)
         self.store = JobStore(self.db)
+        # The C-STORE path's own engine: on SQLite its commits do not wait for the disk,
+        # because the spool can rebuild its rows (record_unrecorded_instances, at start).
+        self.intake_db = Database(settings.database_url, migrate=False, durable_commits=False,
+                                  lock_timeout_s=settings.database_lock_timeout_s)
+        self.intake_store = JobStore(self.intake_db)
         self.spool = Spool(settings.spool_dir)
         self.commitments = CommitmentStore(self.db)
-        self.scp = _storage_scp(settings, self.store, self.spool, self.commitments)
+        self.scp = _storage_scp(settings, self.intake_store, self.spool, self.commitments)
         hand_off = HandOff(self.store, dispatch)
         self.assembler = StudyAssembler(
             self.store,
@@ -86,9 +95,9 @@ class Receiver:
         settings = self.settings
         scheduler = Scheduler()
         scheduler.every("study completion", ASSEMBLE_EVERY_S, self.assembler.tick)
-        scheduler.every("automatic retries", ASSEMBLE_EVERY_S, self.recovery.queue_due_retries)
+        scheduler.every("automatic retries", HOUSEKEEPING_EVERY_S, self.recovery.queue_due_retries)
         scheduler.every("stuck-job recovery", RECOVERY_EVERY_S, self.recovery.recover_stuck)
-        scheduler.every("storage commitment time-outs", ASSEMBLE_EVERY_S, self._flag_commitment_time_outs)
+        scheduler.every("storage commitment time-outs", HOUSEKEEPING_EVERY_S, self._flag_commitment_time_outs)
         follow_up = CommitmentFollowUp(
             self.commitments,
             self.store,
@@ -130,7 +139,9 @@ class Receiver:
                       ready=readiness(process_checks(settings, self.db)))
 
     def start(self) -> None:
-        """Listen, hand over what a previous run left queued, then run the periodic work."""
+        """Record what the spool holds and the database lost, listen, hand over what a previous
+        run left queued, then run the periodic work."""
+        record_unrecorded_instances(self.intake_store, self.spool, signature_of)
         self.scp.start()
         self.recovery.at_start()
         self.scheduler.start()
@@ -138,6 +149,7 @@ class Receiver:
     def stop(self) -> None:
         self.scp.stop()
         self.scheduler.stop()
+        self.intake_db.dispose()
         self.db.dispose()
 
 

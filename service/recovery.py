@@ -1,4 +1,8 @@
-"""Job recovery: nothing received is lost to a restart, a dead worker or a lost message.
+"""Job recovery: nothing received is lost to a restart, a power loss, a dead worker or a lost message.
+
+At start-up, before the SCP listens, :func:`record_unrecorded_instances` records every
+received file in the spool that the database does not know: the spool, not the database,
+is the system of record for what was received (see the function).
 
 At start-up every queued job is handed over again (its message may have been lost) and
 stale running jobs are queued again; while running, :meth:`JobRecovery.recover_stuck`
@@ -11,10 +15,17 @@ and a re-run re-sends results with the same SOP Instance UIDs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from service import metrics
-from service.db import JobStore
+from service.db import JobStore, ReceivedInstance
+from service.domain import InstanceSignature
 from service.handoff import HandOff
+from service.storage import Spool
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +84,50 @@ class JobRecovery:
             metrics.JOBS_QUEUED.labels(trigger="retry").inc()
             self.hand_off(job_id)
         return job_ids
+
+
+#: The calling AE title recorded for an instance recovered from the spool (the sender's is
+#: not in the file).
+RECOVERED_FROM_SPOOL = "(spool)"
+
+
+def record_unrecorded_instances(
+    store: JobStore, spool: Spool, describe: Callable[[Dataset], InstanceSignature]
+) -> list[Path]:
+    """Record every received file that the database does not know; returns their paths.
+
+    Why this exists: the SCP answers C-STORE Success once the file is fsync'd (file and
+    folder entry) and its row is committed. On the embedded SQLite database that commit
+    does not wait for the disk (``synchronous=NORMAL``, see :mod:`service.db.session`),
+    which roughly halves the time a C-STORE takes; a crash of the process keeps the row,
+    but a power loss may take back the latest rows. Their files are on disk, so this
+    sweep, run at start-up before the SCP listens, records them again and the study
+    completes as if nothing happened. Files that cannot be read are left to
+    :func:`service.retention.remove_orphans` (the sender got no Success for a torn write,
+    which cannot happen here anyway: a file gets its name only once it is complete).
+    """
+    if not spool.incoming.is_dir():
+        return []
+    known = store.recorded_paths()
+    recorded: list[Path] = []
+    for path in sorted(spool.incoming.glob("*/*/*.dcm")):
+        if str(path) in known:
+            continue
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            received = ReceivedInstance(
+                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                str(ds.file_meta.MediaStorageSOPClassUID), str(path), path.stat().st_size,
+                RECOVERED_FROM_SPOOL, describe(ds))
+        except Exception as exc:  # noqa: BLE001 - an unreadable file must not stop the start
+            log.warning("spool file %s is not recorded and cannot be read (%s); left for the orphan sweep",
+                        path.name, type(exc).__name__)
+            continue
+        previous = store.record_received(received).previous_path
+        if previous is not None and previous != str(path):
+            Path(previous).unlink(missing_ok=True)  # the same instance, re-sent elsewhere later
+        recorded.append(path)
+    if recorded:
+        log.warning("recorded %d received instance(s) that the database had lost (power loss?) "
+                    "from the spool", len(recorded))
+    return recorded

@@ -15,7 +15,6 @@ SCP process.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,7 +24,7 @@ from service.db import JobStore
 from service.db.commitment import CommitmentStore, DestinationState
 from service.db.models import utcnow
 from service.domain import JobState
-from service.storage import Spool, safe_component
+from service.storage import Spool, remove_tree_durably, safe_component
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,8 @@ def sweep(
         removed.append(Removal(study_uid, last.state.value, last.finished_at, freed))
         if dry_run:
             continue
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        for folder in folders:  # the files first (durably), then the rows: never a row without its file
+            remove_tree_durably(folder)
         store.forget_instances(
             study_uid, f"spool files removed after retention ({keep_days:g} days after {last.state.value})"
         )

@@ -36,6 +36,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def remove_tree_durably(folder: Path) -> None:
+    """Remove ``folder`` with everything in it, and make the removal survive a power loss.
+
+    The start-up sweep records every spool file the database does not know
+    (:func:`service.recovery.record_unrecorded_instances`), so a removal that a power loss
+    took back would bring a study's files back as newly received.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.parent.is_dir():
+        _fsync_dir(folder.parent)
+
+
 def make_dirs_durably(folder: Path) -> None:
     """Create ``folder`` and its missing parents, each made durable by an fsync of its parent.
 

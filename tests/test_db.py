@@ -10,10 +10,10 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
 from service.db import Database, JobStore, ReceivedInstance, RecordedInstance, validity_fields
-from service.db.models import Base
+from service.db.models import Base, Instance
 from service.db.session import alembic_config
 from service.domain import JobState
 
@@ -234,7 +234,7 @@ def test_orm_metadata_matches_the_head_migration_with_no_side_effect_import(
         "from alembic.autogenerate import compare_metadata\n"
         "from alembic.migration import MigrationContext\n"
         "from sqlalchemy import create_engine\n"
-        "from service.db.models import Base\n"
+        "from service.db.models import Base, Instance\n"
         "assert 'service.db.commitment' not in sys.modules\n"
         "engine = create_engine(sys.argv[1])\n"
         "with engine.connect() as conn:\n"
@@ -301,3 +301,53 @@ def test_record_received_says_where_a_resent_instance_was_stored(store: JobStore
     assert again == RecordedInstance(first.job_id, "/spool/a.dcm")
     assert store.instance_paths("1.2.840.9") == ["/spool/b.dcm"]
     assert [job.id for job in store.jobs(study_instance_uid="1.2.840.9")] == [first.job_id]
+
+
+def test_the_sqlite_driver_path_writes_what_the_core_path_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite the C-STORE's transaction runs as plain SQL (speed); its rows must be the ones
+    the SQLAlchemy Core path (kept for PostgreSQL) writes, read back through the ORM's types."""
+    from datetime import datetime
+
+    import service.db.store as store_module
+    from service.domain import ImageRole, InstanceSignature
+
+    clock = iter(datetime(2026, 12, 3, 8, 0, second) for second in range(60))
+    tables = ("studies", "instances", "jobs", "job_events")
+
+    def rows(driver_path: bool) -> dict[str, list[tuple[object, ...]]]:
+        db = Database(f"sqlite:///{tmp_path / f'{driver_path}.sqlite'}")
+        store = JobStore(db)
+        if not driver_path:
+            store._store_time = None
+        assert (store._store_time is not None) == driver_path
+        signature = InstanceSignature("1.2.9.1", role=ImageRole.DWI, b_value=1000.0, slice_position=-12.5)
+        first = ReceivedInstance("1.2.9", "1.2.9.1", "1.2.9.1.1", "1.2.840.10008.5.1.4.1.1.4",
+                                 "/spool/a.dcm", 10, "MRI1", signature)
+        results = [store.record_received(first),
+                   store.record_received(replace(first, sop_instance_uid="1.2.9.1.2", path="/spool/c.dcm")),
+                   store.record_received(replace(first, path="/spool/b.dcm", signature=None))]
+        assert results[2].previous_path == "/spool/a.dcm"
+        store.queue(results[0].job_id)
+        results.append(store.record_received(replace(first, sop_instance_uid="1.2.9.1.3")))  # a late image
+        assert results[3].job_id != results[0].job_id  # a new job: the first one left 'received'
+        out = {}
+        with db.session() as s:
+            for table in tables:
+                out[table] = [tuple(r) for r in s.execute(text(f"select * from {table} order by 1, 2"))]
+            out["read through the ORM"] = [
+                (i.sop_instance_uid, i.received_at, i.role, i.b_value, i.slice_position, i.frames)
+                for i in s.scalars(select(Instance).order_by(Instance.sop_instance_uid))]
+        db.dispose()
+        return out
+
+    monkeypatch.setattr(store_module, "utcnow", lambda: next(clock))
+    driver = rows(True)
+    clock = iter(datetime(2026, 12, 3, 8, 0, second) for second in range(60))
+    core = rows(False)
+    assert driver == core
+    assert len(driver["instances"]) == 3 and len(driver["jobs"]) == 2
+    assert driver["read through the ORM"][0] == (
+        "1.2.9.1.1", datetime(2026, 12, 3, 8, 0, 2), "other", None, None, 1)  # re-sent without a signature
+    assert driver["read through the ORM"][1][1:] == (datetime(2026, 12, 3, 8, 0, 1), "dwi", 1000.0, -12.5, 1)

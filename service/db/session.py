@@ -23,14 +23,19 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 DEFAULT_LOCK_TIMEOUT_S = 10.0
 
 
-def _sqlite_pragmas(lock_timeout_s: float) -> Any:
+def _sqlite_pragmas(lock_timeout_s: float, durable_commits: bool = True) -> Any:
+    synchronous = "FULL" if durable_commits else "NORMAL"
+
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # WAL lets the SCP write while a worker reads; busy_timeout waits for locks
         # instead of failing, which matters with two processes on one file.
         dbapi_connection.isolation_level = None  # let the "begin" hook issue BEGIN
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        # FULL: a commit is on disk (the WAL fsync'd) when it returns. NORMAL (WAL): a commit
+        # survives a crash of the process but a power loss may take back the latest ones;
+        # the database is never corrupted either way (https://sqlite.org/pragma.html#pragma_synchronous).
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -38,14 +43,22 @@ def _sqlite_pragmas(lock_timeout_s: float) -> Any:
     return on_connect
 
 
-def make_engine(database_url: str, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Engine:
-    """An engine whose statements wait at most ``lock_timeout_s`` for a lock."""
+def make_engine(
+    database_url: str, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, durable_commits: bool = True
+) -> Engine:
+    """An engine whose statements wait at most ``lock_timeout_s`` for a lock.
+
+    ``durable_commits=False`` applies to SQLite only (``synchronous=NORMAL``): the SCP's
+    engine, whose rows the spool can rebuild (:func:`service.recovery.record_unrecorded_instances`).
+    PostgreSQL commits stay synchronous: its server can restart on its own, without the
+    process that would rebuild the rows.
+    """
     if database_url.startswith("sqlite"):
         path = database_url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(database_url, connect_args={"timeout": lock_timeout_s})
-        event.listen(engine, "connect", _sqlite_pragmas(lock_timeout_s))
+        event.listen(engine, "connect", _sqlite_pragmas(lock_timeout_s, durable_commits))
         # pysqlite's own transaction handling starts transactions lazily, so two
         # processes can both read and then collide on write (SQLITE_BUSY without
         # waiting).  BEGIN IMMEDIATE takes the write lock up front and the
@@ -103,8 +116,8 @@ class Database:
     """An engine plus a session factory; ``session()`` commits or rolls back."""
 
     def __init__(self, database_url: str, *, migrate: bool = True,
-                 lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> None:
-        self.engine = make_engine(database_url, lock_timeout_s=lock_timeout_s)
+                 lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, durable_commits: bool = True) -> None:
+        self.engine = make_engine(database_url, lock_timeout_s=lock_timeout_s, durable_commits=durable_commits)
         if migrate:
             upgrade_schema(self.engine)
         self._factory = sessionmaker(self.engine, expire_on_commit=False)

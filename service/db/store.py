@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from service.db.models import Delivery, Instance, Job, JobEvent, Study, utcnow
+from service.db.received_sqlite import record_received_sqlite, timestamp_writer
 from service.db.session import Database
 from service.domain import ImageRole, InstanceSignature, JobState
 
@@ -126,6 +127,7 @@ def validity_fields(status: str, reasons: Sequence[str]) -> dict[str, object]:
 class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._store_time = timestamp_writer(db.engine) if db.engine.dialect.name == "sqlite" else None
 
     # -- receive -----------------------------------------------------------------
     def record_instance(
@@ -160,13 +162,21 @@ class JobStore:
     def record_received(self, received: ReceivedInstance) -> RecordedInstance:
         """:meth:`record_instance` for the SCP: also says where the instance was stored before.
 
-        One transaction (one commit, so one WAL fsync on SQLite) of SQLAlchemy Core
-        statements, not the ORM: this runs once per C-STORE before Success, and the ORM's
-        unit of work cost more than the fsyncs. The study row is updated first, which
+        One transaction of SQLAlchemy Core statements, not the ORM: this runs once per
+        C-STORE before Success, and the ORM's unit of work cost more than the fsyncs. On
+        SQLite the same statements go through the driver (:mod:`service.db.received_sqlite`;
+        BEGIN IMMEDIATE serialises writers there, so no two can insert the same row). The study row is updated first, which
         on PostgreSQL locks it, so concurrent associations of one study queue up there.
         The SCP calls it once the file is durable (an fsync'd row never points at a file
         that a power loss could take back), and answers Success once it returns.
         """
+        if self._store_time is not None:  # SQLite: the same statements through the driver
+            job_id, previous = record_received_sqlite(
+                self.db.engine, self._store_time, study_uid=received.study_instance_uid,
+                series_uid=received.series_instance_uid, sop_uid=received.sop_instance_uid,
+                sop_class_uid=received.sop_class_uid, path=received.path, size_bytes=received.size_bytes,
+                calling_ae_title=received.calling_ae_title, signature=received.signature, now=utcnow())
+            return RecordedInstance(job_id, previous)
         for attempt in range(3):
             try:
                 with self.db.engine.begin() as connection:
