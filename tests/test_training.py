@@ -255,3 +255,23 @@ def test_nifti_truth_maps_onto_the_dwi_grid(tmp_path: Path) -> None:
     assert got.shape == expected.shape
     agreement = 2 * np.logical_and(got, expected).sum() / (got.sum() + expected.sum())
     assert agreement > 0.97
+
+
+def test_per_slice_dice_weighs_a_missed_small_lesion_like_a_large_one() -> None:
+    """The batch-pooled Tversky barely notices a missed lacune next to a found infarct; the
+    per-slice term counts it as half the batch's lesion slices."""
+    from models.training.losses import per_slice_dice_loss, tversky_loss
+
+    target = torch.zeros(3, 1, 32, 32)
+    target[0, 0, 4:28, 4:28] = 1.0  # a large lesion, found
+    target[1, 0, 10:12, 10:12] = 1.0  # a 4-pixel lesion, missed
+    logits = torch.where(target > 0, 12.0, -12.0)
+    logits[1] = -12.0
+    pooled = float(tversky_loss(logits, target))
+    per_slice = float(per_slice_dice_loss(logits, target))
+    assert pooled < 0.01
+    assert per_slice == pytest.approx(0.5 * (1 - 1 / 5), abs=0.01)  # slice 2: Dice (0 + 1) / (4 + 1)
+    empty = torch.zeros(2, 1, 8, 8, requires_grad=True)
+    loss = per_slice_dice_loss(empty, torch.zeros(2, 1, 8, 8))
+    loss.backward()
+    assert float(loss) == 0.0 and empty.grad is not None

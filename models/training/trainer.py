@@ -55,7 +55,7 @@ from models.architectures.registry import (
 from models.architectures.unet2d import count_parameters
 from models.training.augment import AugmentConfig, augment_batch
 from models.training.dataset import CaseArrays
-from models.training.losses import tversky_loss
+from models.training.losses import per_slice_dice_loss, tversky_loss
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class TrainSettings:
     tversky_alpha: float = 0.5
     tversky_beta: float = 0.5
     bce_weight: float = 1.0
+    per_slice_dice_weight: float = 0.0
     patience: int = 8
     negative_ratio: float = 0.5
     min_steps_per_epoch: int = 20
@@ -387,6 +388,8 @@ def fit(
                 loss = loss + settings.bce_weight * nn.functional.binary_cross_entropy_with_logits(
                     logits, y
                 )
+            if settings.per_slice_dice_weight:
+                loss = loss + settings.per_slice_dice_weight * per_slice_dice_loss(logits, y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
