@@ -8,12 +8,16 @@ sender keeps its copy and can retry.
 Durability is per instance, not grouped: a sender waits for each C-STORE's answer before it
 sends the next image on the association (storescu, scanners and PACS do), so there is no
 batch to group, and an answer held back for a batch would only add its wait to every image.
-What keeps the receive fast is the work around the two fsyncs (file + folder entry, then the
-row's commit): the received bytes are written as they came with a header built directly (no
-decode and re-encode), one transaction of prebuilt Core statements records the instance (and
-returns where a re-sent one was stored before), and the instance's signature is read from the
-header elements pynetdicom already decoded. An I/O thread to overlap the file's fsync with the
-statements was measured and was slower (the GIL hand-offs cost more than the overlap saved).
+What keeps the receive fast is the work around the fsyncs (file, then folder entry): the received
+bytes are written as they came with a header built directly (no decode and re-encode), one
+transaction records the instance (and returns where a re-sent one was stored before), and the
+instance's signature is read from the header elements pynetdicom already decoded. On the
+embedded SQLite that transaction goes through the driver and its commit does not wait for the
+disk: the file is the record, and the receiver records at start any file whose row a power
+loss took back (:func:`service.recovery.record_unrecorded_instances`). An I/O thread to overlap
+the file's fsync with the statements was measured and was slower (the GIL hand-offs cost more
+than the overlap saved); decoding only the header (stopping before the pixel data) was slower
+too (pydicom calls the stop test on every element).
 """
 
 from __future__ import annotations
