@@ -541,16 +541,18 @@ def _lesions(
     labels, n_components = ndimage.label(lesion_mask, structure=structure)
     if not n_components:
         return ()
-    index = np.arange(1, n_components + 1)
     counts = np.bincount(labels.ravel(), minlength=n_components + 1)[1:]
     # ndimage numbers components in raster order of their first voxel, so a
     # stable sort on -count breaks ties by that order.
     order = np.argsort(-counts, kind="stable")
     boxes = ndimage.find_objects(labels)
-    prob_means = ndimage.mean(prob, labels, index)
-    adc_for_mean = np.where(adc_valid, adc_values, 0.0)
-    adc_sums = ndimage.sum(adc_for_mean, labels, index)
-    adc_counts = ndimage.sum(adc_valid, labels, index)
+    flat = labels.ravel()  # per-component sums by bincount (ndimage.sum per index is slower)
+    prob_means = np.bincount(flat, weights=np.asarray(prob, dtype=np.float64).ravel(),
+                             minlength=n_components + 1)[1:] / counts
+    adc_sums = np.bincount(flat, weights=np.where(adc_valid, adc_values, 0.0).ravel(),
+                           minlength=n_components + 1)[1:]
+    adc_counts = np.bincount(flat, weights=np.asarray(adc_valid, dtype=np.float64).ravel(),
+                             minlength=n_components + 1)[1:]
     voxel_ml = geometry.voxel_volume_ml
     lesions: list[Lesion] = []
     for rank, i in enumerate(order, start=1):

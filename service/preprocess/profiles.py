@@ -126,7 +126,8 @@ def brain_mask(dwi: ImageVolume, *, blur_mm: float = 2.0, erode_voxels: int = 1)
     labels, n = ndimage.label(head)
     if n == 0:
         return head
-    sizes = ndimage.sum(head, labels, index=range(1, n + 1))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # voxels per component (ndimage.sum
+    # with one index per component took ~60 ms on noisy heads with thousands of them)
     mask = labels == (int(np.argmax(sizes)) + 1)
     mask = np.stack([ndimage.binary_fill_holes(s) for s in mask])
     if erode_voxels:
