@@ -300,6 +300,8 @@ def e2e(work: Path, studies: int) -> dict[str, Any]:
         "completion_s": _summary([j["completion_s"] for j in jobs]),
         "pickup_s": _summary([j["pickup_s"] for j in jobs]),
         "worker_s": _summary([j["worker_s"] for j in jobs]),
+        # jobs are numbered in the order the studies were sent
+        "worker_s_by_slices": _by_slices(folders, [j["worker_s"] for j in jobs]),
         "stages_mean_s": stages,
         "worker_peak_rss_mb": rss,
     }
@@ -311,6 +313,14 @@ def _metrics_up(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _by_slices(folders: list[Path], seconds: list[float]) -> dict[str, dict[str, float]]:
+    """Worker seconds summarised per high-b slice count (the target is for 25 slices)."""
+    groups: dict[int, list[float]] = {}
+    for folder, value in zip(folders, seconds, strict=False):
+        groups.setdefault(len(list(folder.glob("DWI_*.dcm"))) // 2, []).append(value)
+    return {str(n): {**_summary(values), "studies": len(values)} for n, values in sorted(groups.items())}
 
 
 def _slices(folders: list[Path]) -> list[int]:
