@@ -138,6 +138,7 @@ def finetune(
     val_data: Annotated[list[Path] | None, typer.Option(help="Validation case folders instead of --val-fraction.")] = None,
     patience: Annotated[int, typer.Option(min=1)] = 8,
     min_steps_per_epoch: Annotated[int, typer.Option(min=1)] = 20,
+    per_slice_dice_weight: Annotated[float | None, typer.Option(help="Weight of the per-lesion-slice soft Dice during fine-tuning (default: the checkpoint's own).")] = None,
     augment: Annotated[bool, typer.Option()] = True,
     threads: Annotated[int, typer.Option(min=1)] = 2,
     cache_dir: Annotated[Path | None, typer.Option()] = Path("var/model-input-cache"),
@@ -159,7 +160,10 @@ def finetune(
         val_data=val_data, tversky_alpha=float(settings.get("tversky_alpha", 0.5)),
         tversky_beta=float(settings.get("tversky_beta", 0.5)),
         bce_weight=float(settings.get("bce_weight", 1.0)),
-        per_slice_dice_weight=float(settings.get("per_slice_dice_weight", 0.0)), patience=patience, augment=augment,
+        per_slice_dice_weight=(
+            float(settings.get("per_slice_dice_weight", 0.0)) if per_slice_dice_weight is None else per_slice_dice_weight
+        ),
+        patience=patience, augment=augment,
         min_steps_per_epoch=min_steps_per_epoch,
         profile=str(meta.get("preprocessing_profile", "dwi-median-adc-fixed-v1")),
         matrix=int(meta.get("grid", {}).get("matrix", [128])[0]),
