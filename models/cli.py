@@ -253,6 +253,7 @@ def export(
     name: Annotated[str, typer.Option(help="Model name on the card (and in the SR).")] = "unet2d-realanat",
     version: Annotated[str, typer.Option(help="Model version on the card.")] = "0.1.0",
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    min_component_peak: Annotated[float, typer.Option(min=0.0, max=0.99, help="Keep a predicted component only if its peak probability reaches this (0 = all; choose it with models.experiments.component_rules on calibration data).")] = 0.0,
     metrics: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSON of measured metrics for the card (e.g. from evaluate).")] = None,
     training_data: Annotated[str | None, typer.Option(help="Card text describing the training data.")] = None,
     reproduce: Annotated[str | None, typer.Option(help="Card text: the commands that reproduce this model.")] = None,
@@ -284,7 +285,8 @@ def export(
     try:
         write_bundle(
             net, out, name=name, version=version, record=record, training=training,
-            metrics=measured, threshold=threshold, training_data=training_data,
+            metrics=measured, threshold=threshold, min_component_peak=min_component_peak,
+            training_data=training_data,
             reproduce=reproduce or " && ".join(
                 [str(record.get("meta", {}).get("command", "")), _command_line()]
             ),

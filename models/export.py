@@ -139,6 +139,7 @@ def write_bundle(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     threshold: float = 0.5,
+    min_component_peak: float = 0.0,
     training_data: str | None = None,
     reproduce: str = "",
     checkpoint: Path | None = None,
@@ -193,6 +194,7 @@ def write_bundle(
         "output": {"name": OUTPUT_NAME, "activation": "sigmoid"},
         "preprocessing_profile": meta.get("preprocessing_profile", "dwi-median-adc-fixed-v1"),
         "threshold": threshold,
+        **({"min_component_peak_probability": min_component_peak} if min_component_peak else {}),
         **({"test_time_augmentation": list(test_time_augmentation)} if test_time_augmentation else {}),
         "intended_use": "Research and integration testing only. Not for diagnosis.",
         "training_data": training_data or (

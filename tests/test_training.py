@@ -190,9 +190,11 @@ def test_export_with_test_time_augmentation_serves_the_mirrored_mean(tmp_path: P
     run.mkdir()
     torch.save({"architecture": "unet2d", "config": width_config("unet2d", 4), "state_dict": net.state_dict(),
                 "meta": {"grid": {"matrix": [64, 64], "pixel_spacing_mm": [3.6, 3.6]}}}, run / "best.pt")
-    _strokeseg("export", run / "best.pt", "--out", tmp_path / "tta", "--test-time-augmentation", "flip_columns")
+    _strokeseg("export", run / "best.pt", "--out", tmp_path / "tta", "--test-time-augmentation", "flip_columns",
+               "--min-component-peak", 0.8)
     model = load_model(tmp_path / "tta")
     assert model.card.test_time_augmentation == ("flip_columns",)
+    assert model.card.min_component_peak_probability == 0.8
     x = np.random.default_rng(1).uniform(0, 2, size=(5, 2, 64, 64)).astype(np.float32)
 
     def network(batch: np.ndarray) -> np.ndarray:

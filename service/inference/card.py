@@ -63,6 +63,11 @@ class ModelCard(_Strict):
     output: ModelOutputSpec = Field(default_factory=ModelOutputSpec)
     preprocessing_profile: str = DEFAULT_PROFILE
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    #: Hysteresis on components: a connected component of ``probability >= threshold`` is
+    #: lesion only if its peak probability reaches this value (0 = every component). With the
+    #: mirror's mean probability, a component only one view believes in peaks near 0.5-0.75;
+    #: one both views agree on peaks near 1 (models/README.md, component rules).
+    min_component_peak_probability: float = Field(0.0, ge=0.0, lt=1.0)
     #: Test-time augmentation the model was validated with; the probability is the mean over
     #: the original and each transform (undone on the output). ``flip_columns`` mirrors the
     #: model grid's columns (left-right on axial slices), the flip the network was trained with.

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from scipy import ndimage
 
 from service import metrics
 from service.domain import DiffusionStudy, LesionSegmentation
@@ -124,6 +125,28 @@ def run_bound(model: LoadedModel, batch: np.ndarray, device: str) -> np.ndarray:
     return np.asarray(prob)
 
 
+def lesion_mask(probability: np.ndarray, threshold: float, min_peak: float = 0.0) -> np.ndarray:
+    """``probability >= threshold``, keeping only the 26-connected components whose peak
+    probability reaches ``min_peak`` (hysteresis thresholding).
+
+    The voxel threshold draws a lesion's outline; the peak says whether the network was sure
+    of the lesion at all. Tiny components that recur on a subject's normal anatomy, which
+    drag a small lesion's Dice down, are ones the network (or one of the mirrored views) was
+    never sure of.
+    """
+    mask = probability >= threshold
+    if min_peak <= threshold or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    inside = labels[mask]
+    peak = np.zeros(n + 1, dtype=np.float64)
+    np.maximum.at(peak, inside, probability[mask])
+    keep = peak >= min_peak
+    keep[0] = False
+    kept: np.ndarray = keep[labels]
+    return kept
+
+
 def segment_lesion(
     study: DiffusionStudy, model: LoadedModel, options: ProfileOptions | None = None
 ) -> LesionSegmentation:
@@ -133,7 +156,7 @@ def segment_lesion(
     with metrics.stage("inference"):
         probability_model = predict_probability(model, model_input.tensor)
         probability = to_native_grid(probability_model, model_input, study.dwi)
-        mask = probability >= model.card.threshold
+        mask = lesion_mask(probability, model.card.threshold, model.card.min_component_peak_probability)
     volume_ml = float(mask.sum()) * study.dwi.voxel_volume_ml
     return LesionSegmentation(
         mask=mask,
