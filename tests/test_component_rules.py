@@ -69,3 +69,10 @@ def test_leave_one_fold_out_never_uses_the_reported_fold() -> None:
     assert out["F1"]["rule"] == a and out["F1"]["result"]["median_dice"] == pytest.approx(0.70)
     # F2's choice comes from F1 + F3: a mean 0.75, b mean 0.87
     assert out["F2"]["rule"] == b
+
+
+def test_fold_names_from_folder_or_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from models.experiments.component_rules import fold_name
+
+    assert fold_name(tmp_path / "rules-F1" / "rules.json") == "rules-F1"
+    assert fold_name(tmp_path / "rules-F2.json") == "rules-F2"

@@ -167,6 +167,12 @@ def leave_one_fold_out(folds: dict[str, dict[str, dict[str, Any]]], card_thresho
     return out
 
 
+def fold_name(path: Path) -> str:
+    """A fold's name: the folder of a ``rules.json`` (``runs/reports/rules-F1/rules.json`` ->
+    ``rules-F1``), otherwise the file's stem (``rules-F1.json`` -> ``rules-F1``)."""
+    return path.parent.name if path.name == "rules.json" else path.stem
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -181,7 +187,9 @@ def _print(name: str, summary: dict[str, dict[str, Any]]) -> None:
 
 
 def _lofo(paths: list[Path], card_threshold: float) -> int:
-    folds = {p.parent.name or str(p): json.loads(p.read_text())["test"] for p in paths}
+    folds = {fold_name(p): json.loads(p.read_text())["test"] for p in paths}
+    if len(folds) != len(paths) or len(folds) < 2:
+        raise SystemExit(f"--lofo needs at least two folds with distinct names, got {sorted(folds)}")
     result = leave_one_fold_out(folds, card_threshold)
     print("| fold | rule chosen on the other folds | median Dice | small | median abs vol err (mL) | lesion F1 (TP/FP/FN) | lesion-free max (mL) |")
     print("|---|---|---|---|---|---|---|")
