@@ -7,7 +7,9 @@ DWI series has a regular stack of slice positions, its ADC (or the b0
 needed to compute one) covers every one of them, and no image came for
 ``study.early_completion_grace_s``.  The grace period is what catches a
 missing first/last slice still in flight; multi-frame objects fall back to
-the idle timeout.
+the idle timeout. Neither closes a study while an open association is still
+delivering it (its latest image was of this study) unless it stored nothing for
+``study.open_association_hold_s``: a sender stalled mid-study is not a finished study.
 
 Completion only: the SCP process's scheduler (:mod:`service.receiver`) runs
 :meth:`StudyAssembler.tick`; recovering lost or stuck jobs is
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -107,13 +109,18 @@ class StudyAssembler:
         completion_timeout_s: float,
         early_completion_grace_s: float | None = None,
         incomplete_extra_wait_s: float = 0.0,
+        still_arriving: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.store = store
         self.hand_off = hand_off
         self.completion_timeout_s = completion_timeout_s
         self.early_completion_grace_s = early_completion_grace_s
         self.incomplete_extra_wait_s = incomplete_extra_wait_s
+        #: Study UIDs an open association is still delivering (the SCP's
+        #: :meth:`~service.scp.ReceivingStudies.studies` with the hold time); never closed.
+        self.still_arriving = still_arriving
         self._waiting: set[int] = set()
+        self._held: set[int] = set()
 
     def tick(self) -> list[int]:
         """Queue every study that is complete now (idle long enough, or by content); job ids."""
@@ -125,14 +132,28 @@ class StudyAssembler:
         candidates = self.store.received_jobs(shortest)
         if not candidates:
             return []
-        job_ids = self._queue_idle_studies()
+        arriving = set(self.still_arriving()) if self.still_arriving is not None else set()
+        job_ids = self._queue_idle_studies(arriving)
         if self.early_completion_grace_s is not None:
-            job_ids += self._queue_studies_complete_by_content(self.early_completion_grace_s)
+            job_ids += self._queue_studies_complete_by_content(self.early_completion_grace_s, arriving)
         return job_ids
 
-    def _queue_studies_complete_by_content(self, grace_s: float) -> list[int]:
+    def _held_open(self, job_id: int, study_uid: str, arriving: set[str]) -> bool:
+        """True (logged once per job) while an open association is still sending the study."""
+        if study_uid not in arriving:
+            self._held.discard(job_id)
+            return False
+        if job_id not in self._held:
+            self._held.add(job_id)
+            log.info("job %d: study idle but its association is still open and sending it; waiting",
+                     job_id, extra={"job_id": job_id})
+        return True
+
+    def _queue_studies_complete_by_content(self, grace_s: float, arriving: set[str]) -> list[int]:
         queued: list[int] = []
         for job_id, study_uid in self.store.received_jobs(grace_s):
+            if self._held_open(job_id, study_uid, arriving):
+                continue
             if study_looks_complete(self.store.instance_signatures(study_uid)) and self.store.queue(
                 job_id, "complete (content-aware)"
             ):
@@ -142,7 +163,7 @@ class StudyAssembler:
                 queued.append(job_id)
         return queued
 
-    def _queue_idle_studies(self) -> list[int]:
+    def _queue_idle_studies(self, arriving: set[str]) -> list[int]:
         """Queue studies idle for the timeout; one that still looks incomplete waits once more.
 
         A study whose headers say a part is missing (see
@@ -158,6 +179,8 @@ class StudyAssembler:
             self.completion_timeout_s + self.incomplete_extra_wait_s
         )} if self.incomplete_extra_wait_s > 0 else None
         for job_id, study_uid in idle:
+            if self._held_open(job_id, study_uid, arriving):
+                continue
             extra = {"job_id": job_id}
             reason = "idle"
             if waited is not None and study_completeness(self.store.instance_signatures(study_uid)) is False:
@@ -171,6 +194,7 @@ class StudyAssembler:
                     continue
                 reason = f"idle; still incomplete after waiting {self.incomplete_extra_wait_s:.0f} s more"
             self._waiting.discard(job_id)
+            self._held.discard(job_id)
             if not self.store.queue(job_id, reason):
                 continue
             log.info("study %s; job %d queued", reason, job_id, extra=extra)

@@ -240,6 +240,15 @@ class StudySettings(_Section):
         "an ADC or b0 with slices the DWI lacks) waits this much longer, once, before it is "
         "processed; intake then refuses what is still missing (0 = no extra wait).",
     )
+    open_association_hold_s: float = Field(
+        60.0,
+        ge=0,
+        description="A study is not closed while the association delivering it is still open and "
+        "its latest image (of this study) came less than this long ago: a sender stalled "
+        "mid-study under load would otherwise get half a study processed and the rest refused. "
+        "A sender that keeps one association open for many studies holds each only until it "
+        "moves on to the next (0 = close on idle time alone).",
+    )
     stale_job_after_s: float = Field(
         900.0, gt=0, description="A running job older than this is re-queued on start."
     )

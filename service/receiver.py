@@ -22,6 +22,7 @@ process that receives studies runs:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from service.assemble import StudyAssembler
@@ -78,6 +79,10 @@ class Receiver:
             incomplete_extra_wait_s=settings.study.incomplete_extra_wait_s,
             early_completion_grace_s=(
                 settings.study.early_completion_grace_s if settings.study.early_completion else None
+            ),
+            still_arriving=(
+                functools.partial(self.scp.receiving.studies, settings.study.open_association_hold_s)
+                if settings.study.open_association_hold_s > 0 else None
             ),
         )
         self.recovery = JobRecovery(

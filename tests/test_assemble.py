@@ -14,7 +14,7 @@ from service.domain import JobState
 from service.handoff import HandOff
 from service.intake import signature_of
 from service.scheduler import Scheduler
-from service.scp import StorageSCP
+from service.scp import ReceivingStudies, StorageSCP
 from service.storage import Spool
 from tests.conftest import free_port
 from tests.peers import storescu, wait_for
@@ -168,3 +168,98 @@ def test_incomplete_study_waits_once_more_at_the_idle_timeout(tmp_path: Path) ->
     assert job is not None and job.state is JobState.QUEUED
     assert "still incomplete" in job.reason
     assert sorted(dispatched) == sorted(j.id for j in jobs.values())
+
+
+def test_receiving_studies_follows_each_open_association() -> None:
+    """The study an open association last stored counts until it closes, moves on, or stalls too long."""
+    now = [100.0]
+    receiving = ReceivingStudies(clock=lambda: now[0])
+    receiving.stored(1, "1.2.3.1")
+    receiving.stored(2, "1.2.3.2")
+    assert receiving.studies(hold_s=30) == {"1.2.3.1", "1.2.3.2"}
+    receiving.stored(1, "1.2.3.3")  # association 1 moved on to the next study
+    assert receiving.studies(hold_s=30) == {"1.2.3.2", "1.2.3.3"}
+    receiving.closed(2)
+    assert receiving.studies(hold_s=30) == {"1.2.3.3"}
+    now[0] += 31  # association 1 stays open but stored nothing for longer than the hold
+    assert receiving.studies(hold_s=30) == set()
+
+
+def test_study_still_arriving_on_an_open_association_is_not_closed(tmp_path: Path) -> None:
+    """Idle and complete by content, but its association is still open: held; queued once it is not."""
+    store = JobStore(Database(f"sqlite:///{tmp_path / 'jobs.sqlite'}"))
+    whole = _stack("s1", "dwi", 1000, POSITIONS) + _stack("s1", "b0", 0, POSITIONS)
+    for i, sig in enumerate(whole):
+        store.record_instance(
+            study_instance_uid="1.2.3.1", series_instance_uid=sig.series_instance_uid,
+            sop_instance_uid=f"1.2.3.1.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            path=str(tmp_path / f"{i}.dcm"), size_bytes=1, calling_ae_title="SCANNER", signature=sig,
+        )
+    arriving = {"1.2.3.1"}
+    dispatched: list[int] = []
+    assembler = StudyAssembler(store, HandOff(store, dispatched.append), completion_timeout_s=0.3,
+                               early_completion_grace_s=0.1, still_arriving=lambda: arriving)
+    time.sleep(0.5)
+    assert assembler.tick() == []
+    assert [job.state for job in store.jobs()] == [JobState.RECEIVED]
+    arriving.clear()  # the association closed
+    assert assembler.tick() == dispatched and len(dispatched) == 1
+    assert store.jobs()[0].state is JobState.QUEUED
+
+
+@pytest.mark.network
+def test_sender_stalled_mid_study_gets_one_job_for_the_whole_study(
+    tmp_path: Path, phantom_cases: list[Path]
+) -> None:
+    """Over a real association: a stall longer than the idle timeout does not split the study.
+
+    Half the study, a pause of three idle timeouts with the association open, then the
+    rest on the same association: one job, queued only after the release, holding every
+    image (before the hold, the first half was processed and the rest refused as a
+    second job under load).
+    """
+    from pynetdicom import AE
+
+    db = Database(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    store = JobStore(db)
+    scp = StorageSCP(
+        ae_title="STROKESEG", host="127.0.0.1", port=free_port(), spool=Spool(tmp_path / "spool"),
+        store=store, describe=signature_of,
+    )
+    dispatched: list[int] = []
+    assembler = StudyAssembler(
+        store, HandOff(store, dispatched.append), completion_timeout_s=1.0, early_completion_grace_s=0.5,
+        still_arriving=lambda: scp.receiving.studies(30.0),
+    )
+    scheduler = Scheduler()
+    scheduler.every("study completion", 0.2, assembler.tick)
+    files = sorted((phantom_cases[0] / "dicom").rglob("*.dcm"))
+    datasets = [pydicom.dcmread(f) for f in files]
+    scp.start()
+    scheduler.start()
+    try:
+        ae = AE(ae_title="MRI1")
+        for sop_class, syntax in {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}:
+            ae.add_requested_context(sop_class, [syntax])
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="STROKESEG")
+        assert assoc.is_established
+        try:
+            half = len(datasets) // 2
+            for ds in datasets[:half]:
+                assert assoc.send_c_store(ds).Status == 0
+            time.sleep(3.0)  # three idle timeouts with the association open
+            jobs = store.jobs()
+            assert len(jobs) == 1 and jobs[0].state is JobState.RECEIVED, "closed while still arriving"
+            assert dispatched == []
+            for ds in datasets[half:]:
+                assert assoc.send_c_store(ds).Status == 0
+        finally:
+            assoc.release()
+        wait_for(lambda: dispatched, 20, "the study closed after the release")
+        jobs = store.jobs()
+        assert len(jobs) == 1 and jobs[0].state is JobState.QUEUED
+        assert len(store.instance_paths(jobs[0].study_instance_uid)) == len(datasets)
+    finally:
+        scheduler.stop()
+        scp.stop()
+        db.dispose()

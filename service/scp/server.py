@@ -27,6 +27,7 @@ import logging
 import re
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,39 @@ def uid_problem(name: str, value: str) -> str | None:
     return None
 
 
+class ReceivingStudies:
+    """Which study each open association is delivering now, so completion waits for it.
+
+    A sender stalls mid-study under load (a busy scanner host, many associations on
+    few cores) for longer than the idle timeout; closing the study then would process
+    part of it and turn the rest into a second, refused job. So the study an open
+    association last stored an image of counts as still arriving, until the association
+    closes, moves on to another study, or stores nothing for the hold time (a sender that
+    keeps an idle association open cannot hold a study forever). Thread-safe: C-STOREs
+    note from the association threads, the completion scheduler reads.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._latest: dict[int, tuple[str, float]] = {}  # association -> (study UID, when)
+
+    def stored(self, association: int, study_instance_uid: str) -> None:
+        """An image of ``study_instance_uid`` was stored on ``association``."""
+        with self._lock:
+            self._latest[association] = (study_instance_uid, self._clock())
+
+    def closed(self, association: int) -> None:
+        with self._lock:
+            self._latest.pop(association, None)
+
+    def studies(self, hold_s: float) -> set[str]:
+        """Studies an open association stored its latest image of within ``hold_s``."""
+        cutoff = self._clock() - hold_s
+        with self._lock:
+            return {study for study, when in self._latest.values() if when >= cutoff}
+
+
 @dataclass
 class StoreHandler:
     """Persist one C-STORE request; returns a status code, never raises."""
@@ -92,6 +126,7 @@ class StoreHandler:
     store: JobStore
     describe: Describe | None = None  # header-only signature for content-aware completion
     min_free_bytes: int = 0  # refuse (0xA700) a store that would leave less free space than this
+    receiving: ReceivingStudies | None = None  # which study each open association is sending
 
     def __call__(self, event: Any) -> int:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
@@ -153,6 +188,8 @@ class StoreHandler:
             log.exception("C-STORE from %s could not be persisted; answering failure", calling_ae)
             metrics.STORE_FAILURES.labels(status=hex(OUT_OF_RESOURCES)).inc()
             return OUT_OF_RESOURCES
+        if self.receiving is not None:
+            self.receiving.stored(id(event.assoc), study_uid)
         metrics.INSTANCES_RECEIVED.labels(sop_class=str(event.request.AffectedSOPClassUID)).inc()
         metrics.INSTANCE_BYTES.inc(len(data))
         return SUCCESS
@@ -257,9 +294,11 @@ class StorageSCP:
             max_pdu_size=max_pdu_size,
         )
         self.address = (host, port)
+        #: The study each open association is delivering (see :class:`ReceivingStudies`).
+        self.receiving = ReceivingStudies()
         self.handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, StoreHandler(spool, store, describe, min_free_bytes)),
+            (evt.EVT_C_STORE, StoreHandler(spool, store, describe, min_free_bytes, self.receiving)),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
@@ -307,6 +346,7 @@ class StorageSCP:
             metrics.ACTIVE_ASSOCIATIONS.set(len(self._open_associations))
 
     def _on_connection_closed(self, event: Any) -> None:
+        self.receiving.closed(id(event.assoc))
         with self._lock_open:
             self._open_associations.discard(id(event.assoc))
             metrics.ACTIVE_ASSOCIATIONS.set(len(self._open_associations))
