@@ -139,6 +139,8 @@ def finetune(
     patience: Annotated[int, typer.Option(min=1)] = 8,
     min_steps_per_epoch: Annotated[int, typer.Option(min=1)] = 20,
     per_slice_dice_weight: Annotated[float | None, typer.Option(help="Weight of the per-lesion-slice soft Dice during fine-tuning (default: the checkpoint's own).")] = None,
+    tversky_alpha: Annotated[float | None, typer.Option(help="Tversky weight of false positives during fine-tuning (default: the checkpoint's own).")] = None,
+    tversky_beta: Annotated[float | None, typer.Option(help="Tversky weight of false negatives during fine-tuning (default: the checkpoint's own; Alis 2020: 0.7 with alpha 0.3).")] = None,
     augment: Annotated[bool, typer.Option()] = True,
     threads: Annotated[int, typer.Option(min=1)] = 2,
     cache_dir: Annotated[Path | None, typer.Option()] = Path("var/model-input-cache"),
@@ -157,8 +159,9 @@ def finetune(
         data, out, from_checkpoint, architecture=record.get("architecture", "unet2d"),
         width=int(settings.get("width", 8)), epochs=epochs, lr=lr, warmup_fraction=0.0,
         batch_size=batch_size, slab=slab, crop=crop, seed=seed, val_fraction=val_fraction,
-        val_data=val_data, tversky_alpha=float(settings.get("tversky_alpha", 0.5)),
-        tversky_beta=float(settings.get("tversky_beta", 0.5)),
+        val_data=val_data,
+        tversky_alpha=float(settings.get("tversky_alpha", 0.5)) if tversky_alpha is None else tversky_alpha,
+        tversky_beta=float(settings.get("tversky_beta", 0.5)) if tversky_beta is None else tversky_beta,
         bce_weight=float(settings.get("bce_weight", 1.0)),
         per_slice_dice_weight=(
             float(settings.get("per_slice_dice_weight", 0.0)) if per_slice_dice_weight is None else per_slice_dice_weight

@@ -130,15 +130,17 @@ def test_finetune_starts_from_the_checkpoint(cases: Path, cache: Path, tmp_path:
         "finetune", cases, "--from", tmp_path / "source" / "best.pt", "--out", tmp_path / "ft",
         "--cases", 3, "--epochs", 1, "--lr", 1e-6, "--min-steps-per-epoch", 1,
         "--batch-size", 4, "--crop", 64, "--cache-dir", cache, "--no-progress",
-        "--per-slice-dice-weight", 0.5,
+        "--per-slice-dice-weight", 0.5, "--tversky-alpha", 0.3, "--tversky-beta", 0.7,
     )
     assert "3 training / 1 validation studies" in output
     source, source_record = load_checkpoint(tmp_path / "source" / "best.pt")
     tuned, record = load_checkpoint(tmp_path / "ft" / "best.pt")
     assert record["meta"]["mode"] == "finetune"
-    # the fine-tuning loss can differ from the source's (--per-slice-dice-weight here only)
+    # the fine-tuning loss can differ from the source's (--per-slice-dice-weight, --tversky-*)
     assert source_record["settings"]["per_slice_dice_weight"] == 0.0
     assert record["settings"]["per_slice_dice_weight"] == 0.5
+    assert (source_record["settings"]["tversky_alpha"], source_record["settings"]["tversky_beta"]) == (0.5, 0.5)
+    assert (record["settings"]["tversky_alpha"], record["settings"]["tversky_beta"]) == (0.3, 0.7)
     # lr 1e-6 for one short epoch: weights move, but stay close to the source
     # (parameters only: BatchNorm running statistics follow the data, not the lr).
     deltas = [
