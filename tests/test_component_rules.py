@@ -7,7 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.experiments.component_rules import Rule, apply_rule, choose, leave_one_fold_out
+from models.evaluation.metrics import case_metrics
+from models.experiments.component_rules import (
+    Rule,
+    apply_rule,
+    by_folder,
+    choose,
+    leave_one_fold_out,
+    summarise,
+)
 from service.inference.session import lesion_mask
 
 
@@ -76,3 +84,22 @@ def test_fold_names_from_folder_or_file(tmp_path) -> None:  # type: ignore[no-un
 
     assert fold_name(tmp_path / "rules-F1" / "rules.json") == "rules-F1"
     assert fold_name(tmp_path / "rules-F2.json") == "rules-F2"
+
+
+def test_each_test_folder_is_summarised_on_its_own_cases() -> None:
+    """A sweep over a real subject and phantoms reports the subject without the phantoms."""
+    truth = np.zeros((4, 10, 10), dtype=bool)
+    truth[1:3, 2:6, 2:6] = True
+    exact, half = truth.copy(), truth.copy()
+    half[1] = False
+    metrics = [
+        case_metrics(mask, truth, 0.01, case=f"c{i}", vendor="")
+        for i, mask in enumerate((exact, exact, half))
+    ]
+    for m, folder in zip(metrics, ("runs/real/S2", "runs/real/S2", "runs/ph/A-test"), strict=True):
+        m.extra["folder"] = folder
+    folders = by_folder(metrics)
+    assert list(folders) == ["runs/real/S2", "runs/ph/A-test"]
+    assert folders["runs/real/S2"]["median_dice"] == 1.0 and folders["runs/real/S2"]["cases"] == 2
+    assert folders["runs/ph/A-test"]["median_dice"] < 1.0
+    assert summarise(metrics)["cases"] == 3

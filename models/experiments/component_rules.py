@@ -29,7 +29,8 @@ Usage::
         --thresholds 0.3 0.4 0.5 --peaks 0 0.8 0.9 --min-volumes 0 0.05
     python -m models.experiments.component_rules --lofo runs/reports/rules-F{1,2,3}/rules.json
 
-Prints one table per set and writes ``rules.json`` (summaries and per-case metrics).
+Prints one table per set (and per test folder, when there are several) and writes ``rules.json``
+(summaries, per-folder summaries and per-case metrics).
 """
 
 from __future__ import annotations
@@ -112,8 +113,20 @@ def summarise(metrics: Sequence[CaseMetrics]) -> dict[str, Any]:
     }
 
 
+def by_folder(metrics: Sequence[CaseMetrics]) -> dict[str, dict[str, Any]]:
+    """The summary of each case folder's own cases (``extra["folder"]``), in first-seen order.
+
+    A sweep over several test folders pools them; a held-out subject's figure is its own folder
+    (or folders), not the pool with phantoms.
+    """
+    groups: dict[str, list[CaseMetrics]] = {}
+    for m in metrics:
+        groups.setdefault(str(m.extra.get("folder", "")), []).append(m)
+    return {folder: summarise(group) for folder, group in groups.items()}
+
+
 def sweep(model_dir: Path, cases: list[Path], rules: list[Rule]) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Per rule: the summary, and the per-case metrics (dicts)."""
+    """Per rule: the summary, and the per-case metrics (dicts, ``extra["folder"]`` = the case's folder)."""
     from service.assess import AssessOptions, assess
     from service.inference import load_model, segment_lesion
     from service.intake import load_study
@@ -132,7 +145,8 @@ def sweep(model_dir: Path, cases: list[Path], rules: list[Rule]) -> tuple[dict[s
             mask = apply_rule(network.probability, rule, voxel_ml)
             candidate = dataclasses.replace(network, mask=mask, lesion_volume_ml=float(mask.sum()) * voxel_ml)
             kept = assess(study, candidate, brain, options).segmentation
-            rows[rule.key].append(case_metrics(kept.mask, truth, voxel_ml, case=case.name, vendor=""))
+            metrics = case_metrics(kept.mask, truth, voxel_ml, case=case.name, vendor="")
+            rows[rule.key].append(dataclasses.replace(metrics, extra={"folder": str(case.parent)}))
         if n % 10 == 0:
             log.info("%d/%d cases", n, len(cases))
     summary = {key: summarise(metrics) for key, metrics in rows.items()}
@@ -236,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         test, per_case = sweep(args.model, case_dirs(args.test), rules)
         _print("test: " + " ".join(map(str, args.test)), test)
         document |= {"test": test, "test_cases": per_case}
+        folders: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, cases in per_case.items():
+            for folder, summary in by_folder([CaseMetrics(**c) for c in cases]).items():
+                folders.setdefault(folder, {})[key] = summary
+        if len(folders) > 1:
+            for folder, summary in folders.items():
+                _print(f"test folder: {folder}", summary)
+            document["test_per_folder"] = folders
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rules.json").write_text(json.dumps(document, indent=2, default=float))
     sys.stdout.flush()
