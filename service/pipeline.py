@@ -127,6 +127,53 @@ def segment_files(
     """
     derive = derive or DeriveSettings()
     study = load_study(paths)
+    analysis = analyse_study(study, model, options, derive, assess_settings)
+    model, assessment, findings = analysis.model, analysis.assessment, analysis.findings
+    try:
+        objects = write_results(
+            DerivationSources.from_study(study),
+            LesionMask.from_segmentation(assessment.segmentation),
+            findings,
+            algorithm_of(model),
+            out_dir,
+            DeriveOptions(
+                core_volume_cutoffs_ml=derive.core_volume_cutoffs_ml,
+                overlay=OverlayOptions(label=derive.overlay.label) if overlay else None,
+                previous_reports=previous_reports,
+            ),
+        )
+    except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
+        raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
+    return StudyResult(
+        study, assessment.segmentation, objects, analysis.inference_s, assessment.validity, findings
+    )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StudyAnalysis:
+    """What the pipeline concluded about one study before anything is written."""
+
+    model: LoadedModel
+    network: LesionSegmentation  # the network's mask, before the guard
+    assessment: Assessment  # the guarded mask, the mimics and the domain of validity
+    findings: LesionFindings  # what the SR reports
+    inference_s: float
+
+
+def analyse_study(
+    study: DiffusionStudy,
+    model: LoadedModel | ModelRouter,
+    options: ProfileOptions | None = None,
+    derive: DeriveSettings | None = None,
+    assess_settings: AssessSettings | None = None,
+) -> StudyAnalysis:
+    """Segment and assess one loaded study: the numbers the SR will carry, nothing written.
+
+    Split from :func:`segment_files` so that experiments on a study changed in memory (another
+    b-value, say) measure exactly what the service would report.
+    Raises :class:`GeometryError` when the findings cannot be placed on the source grid.
+    """
+    derive = derive or DeriveSettings()
     if isinstance(model, ModelRouter):
         model = model.select(study.manufacturer)
     started = time.perf_counter()
@@ -144,22 +191,7 @@ def segment_files(
             findings = _findings(study, assessment, derive)
         except ValueError as exc:
             raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
-    try:
-        objects = write_results(
-            DerivationSources.from_study(study),
-            LesionMask.from_segmentation(assessment.segmentation),
-            findings,
-            algorithm_of(model),
-            out_dir,
-            DeriveOptions(
-                core_volume_cutoffs_ml=derive.core_volume_cutoffs_ml,
-                overlay=OverlayOptions(label=derive.overlay.label) if overlay else None,
-                previous_reports=previous_reports,
-            ),
-        )
-    except ValueError as exc:  # highdicom/derive refuse sources they cannot reference
-        raise GeometryError(f"cannot encode the result on these source images: {exc}") from exc
-    return StudyResult(study, assessment.segmentation, objects, inference_s, assessment.validity, findings)
+    return StudyAnalysis(model, network, assessment, findings, inference_s)
 
 
 def _findings(study: DiffusionStudy, assessment: Assessment, derive: DeriveSettings) -> LesionFindings:
