@@ -263,6 +263,7 @@ def export(
     include_checkpoint: Annotated[bool, typer.Option(help="Ship the PyTorch checkpoint in the bundle (checkpoint.pt) so sites can fine-tune it.")] = False,
     report: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False, help="report.json of `strokeseg evaluate` runs of this model: their summaries go on the card (repeatable).")] = None,
     test_time_augmentation: Annotated[list[str] | None, typer.Option("--test-time-augmentation", help="Serve the network with this test-time augmentation (repeatable): flip_columns = mean of the slices and their left-right mirror. Evaluate the bundle after export: the card's figures must be measured with it.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Serve with this preprocessing profile instead of the checkpoint's: only one that gives the training studies the same input (b1000eq-...-v2 -> v3 when every training study is b~1000). Evaluate the bundle after export.")] = None,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic slice count; parity with PyTorch checked) as a model bundle."""
     _need_training_extra()
@@ -276,7 +277,11 @@ def export(
         raise typer.Exit(2)
     from models.export import write_bundle
     from models.training.trainer import load_checkpoint
+    from service.preprocess import PROFILES
 
+    if profile is not None and profile not in PROFILES:
+        typer.echo(f"error: unknown preprocessing profile {profile!r} (known: {', '.join(sorted(PROFILES))})", err=True)
+        raise typer.Exit(2)
     net, record = load_checkpoint(checkpoint)
     training_json = checkpoint.parent / "training.json"
     training = json.loads(training_json.read_text()) if training_json.is_file() else {}
@@ -295,6 +300,7 @@ def export(
             ),
             checkpoint=checkpoint if include_checkpoint else None,
             test_time_augmentation=tuple(test_time_augmentation or ()),
+            profile=profile,
         )
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -144,11 +144,14 @@ def write_bundle(
     reproduce: str = "",
     checkpoint: Path | None = None,
     test_time_augmentation: tuple[str, ...] = (),
+    profile: str | None = None,
 ) -> Path:
     """Export, verify parity and write model.onnx + model.yaml + SHA256SUMS into ``out_dir``.
 
     ``record`` is the checkpoint (architecture, config, meta with the model
     grid and preprocessing profile); ``training`` its run's training.json.
+    ``profile`` overrides the checkpoint's preprocessing profile (a refinement that feeds the
+    training data the same input, such as b1000eq v2 -> v3 for a network trained at b~1000).
     """
     from models.architectures.registry import architecture_of, describe, network_config
     from models.architectures.unet2d import count_parameters
@@ -192,7 +195,7 @@ def write_bundle(
             "pixel_spacing_mm": [float(v) for v in grid["pixel_spacing_mm"]],
         },
         "output": {"name": OUTPUT_NAME, "activation": "sigmoid"},
-        "preprocessing_profile": meta.get("preprocessing_profile", "dwi-median-adc-fixed-v1"),
+        "preprocessing_profile": profile or meta.get("preprocessing_profile", "dwi-median-adc-fixed-v1"),
         "threshold": threshold,
         **({"min_component_peak_probability": min_component_peak} if min_component_peak else {}),
         **({"test_time_augmentation": list(test_time_augmentation)} if test_time_augmentation else {}),

@@ -10,8 +10,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from models.synth.bvalue import at_b_value, diffusivity_from_adc, kurtosis_map, trace_noise_sigma
+from models.synth.bvalue import at_b_value, trace_noise_sigma
 from service.config import load_settings
+from service.diffusion import diffusivity_from_adc, kurtosis_map
 from service.domain import DiffusionStudy, ImageVolume, SourceFrame
 from service.inference import load_model
 from service.intake import load_study

@@ -212,6 +212,14 @@ def test_export_with_test_time_augmentation_serves_the_mirrored_mean(tmp_path: P
                                   "--test-time-augmentation", "flip_rows"])
     assert refused.exit_code == 2 and "flip_rows" in refused.output
 
+    # --profile: the card serves another preprocessing profile than the checkpoint's meta says
+    assert model.card.preprocessing_profile == "dwi-median-adc-fixed-v1"
+    _strokeseg("export", run / "best.pt", "--out", tmp_path / "v3", "--profile", "b1000eq-median-adc-fixed-v3")
+    assert load_model(tmp_path / "v3").card.preprocessing_profile == "b1000eq-median-adc-fixed-v3"
+    unknown = runner.invoke(app, ["export", str(run / "best.pt"), "--out", str(tmp_path / "bad"),
+                                  "--profile", "b1000eq-median-adc-fixed-v9"])
+    assert unknown.exit_code == 2 and "unknown preprocessing profile" in unknown.output
+
 
 def test_evaluate_writes_report(cases: Path, tmp_path: Path) -> None:
     from service.config import BUNDLED_MODEL_DIR as bundled

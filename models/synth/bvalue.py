@@ -13,7 +13,7 @@ Physics, per voxel (``D`` the diffusivity, ``K`` the diffusional kurtosis, Jense
   free water (K = 0).  ``D`` is recovered from the study's own ADC at its own b by solving
   that relation.
 * ``K`` is :data:`TISSUE_KURTOSIS` where ``D`` is tissue-like (below 1.5e-3 mm2/s), 0 in CSF
-  (above 2.5e-3) and linear between (partial volume).
+  (above 2.5e-3) and linear between (partial volume): :func:`service.diffusion.kurtosis_map`.
 * ``S0 = S(b_source) exp(b_source ADC_source)``, exact for a two-point ADC map.
 * The new trace is the source trace times ``r = S(b_new) / S(b_source)``.  That keeps the
   scan's own noise texture but scales it by ``r < 1``; the acquisition's noise level ``sigma``
@@ -31,35 +31,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import numpy.typing as npt
 from scipy import ndimage
 
+from service.diffusion import BRAIN_KURTOSIS, diffusivity_from_adc, kurtosis_map
 from service.domain import DiffusionStudy
 from service.preprocess import brain_mask
 
 #: Mean diffusional kurtosis of brain tissue (grey and white matter about 0.6-1.0).
-TISSUE_KURTOSIS = 0.8
-#: Diffusivity (mm2/s) below which a voxel is tissue and above which it is free water.
-TISSUE_D_MM2_S = 1.5e-3
-CSF_D_MM2_S = 2.5e-3
+TISSUE_KURTOSIS = BRAIN_KURTOSIS
 ADC_CLIP = (0.0, 4000.0)  # x 1e-6 mm2/s, as scanners store it
-
-
-def kurtosis_map(diffusivity: npt.NDArray[np.float64], tissue_kurtosis: float) -> npt.NDArray[np.float64]:
-    """``tissue_kurtosis`` in tissue, 0 in CSF, linear between (mm2/s in)."""
-    weight = np.clip((CSF_D_MM2_S - diffusivity) / (CSF_D_MM2_S - TISSUE_D_MM2_S), 0.0, 1.0)
-    return tissue_kurtosis * weight
-
-
-def diffusivity_from_adc(
-    adc_mm2_s: npt.NDArray[np.float64], b_value: float, tissue_kurtosis: float, iterations: int = 8
-) -> npt.NDArray[np.float64]:
-    """``D`` such that ``ADC = D - b D^2 K(D) / 6`` (fixed point; converges for brain values)."""
-    d = adc_mm2_s.copy()
-    for _ in range(iterations):
-        d = adc_mm2_s + b_value * d**2 * kurtosis_map(d, tissue_kurtosis) / 6.0
-        d = np.minimum(d, 3.0 * np.maximum(adc_mm2_s, 1e-6))  # guard the non-physical branch
-    return d
 
 
 def trace_noise_sigma(study: DiffusionStudy) -> float:
@@ -118,4 +98,4 @@ def at_b_value(
     )
 
 
-__all__ = ["TISSUE_KURTOSIS", "at_b_value", "diffusivity_from_adc", "kurtosis_map", "trace_noise_sigma"]
+__all__ = ["TISSUE_KURTOSIS", "at_b_value", "trace_noise_sigma"]

@@ -24,12 +24,12 @@ from service.assess.guard import (
 )
 from service.assess.validity import (
     ValidityLimits,
-    adc_b_factor,
     assess_validity,
     core_threshold_for_b,
     symmetric_fraction,
     trace_snr,
 )
+from service.diffusion import adc_b_factor
 from service.domain import DiffusionMimic, DiffusionStudy, DomainOfValidity, LesionSegmentation
 
 __all__ = [

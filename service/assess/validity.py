@@ -8,14 +8,9 @@ covering a large share of the brain, a bilateral mirror-symmetric pattern such
 as the cortical ribbon).  The result stays a result; :class:`DomainOfValidity`
 carries the reasons to the SR, the overlay, the DB and the hold-back policy.
 
-b-value dependence.  The ADC falls with b because brain diffusion is not
-mono-exponential (diffusional kurtosis K ~ 0.8 in brain, Jensen et al. 2005):
-ADC(b) ~ ADC(1000) * (1 - K * ADC * (b - 1000) / 6).  With ADC ~ 0.8e-3 mm2/s
-that is about -1.07 % per 100 s/mm2 above b=1000 (measured here on a real
-Canon b=1500 scan: normal-brain median 762 against 789-804 on the b=1000
-scans, -3.5 %; the formula gives -5.3 %).  The ADC core threshold (620, a
-b~1000 number) and the plausible-ADC range are scaled by that factor, and the
-SR says so.
+b-value dependence (:mod:`service.diffusion`): the ADC falls with b because brain diffusion is
+not mono-exponential.  The ADC core threshold (620, a b~1000 number) and the plausible-ADC range
+are scaled by :func:`~service.diffusion.adc_b_factor`, and the SR says so.
 """
 
 from __future__ import annotations
@@ -27,16 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from service.diffusion import B1000_TOLERANCE, REFERENCE_B_VALUE, adc_b_factor
 from service.domain import DiffusionStudy, DomainOfValidity, LesionSegmentation
 
 log = logging.getLogger(__name__)
-
-#: Typical brain diffusional kurtosis and ADC (mm2/s) behind :func:`adc_b_factor`.
-BRAIN_KURTOSIS = 0.8
-BRAIN_ADC_MM2_S = 0.8e-3
-REFERENCE_B_VALUE = 1000.0
-#: |b - 1000| up to this counts as "about 1000": nothing is scaled or flagged.
-B1000_TOLERANCE = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +40,6 @@ class ValidityLimits:
     max_lesion_brain_fraction: float = 0.25
     symmetric_min_ml: float = 5.0
     symmetric_fraction: float = 0.5
-
-
-def adc_b_factor(b_value: float) -> float:
-    """Expected ADC(b) / ADC(1000) of normal brain (kurtosis model, module docstring)."""
-    if abs(b_value - REFERENCE_B_VALUE) <= B1000_TOLERANCE:
-        return 1.0
-    factor = 1.0 - BRAIN_KURTOSIS * BRAIN_ADC_MM2_S * (b_value - REFERENCE_B_VALUE) / 6.0
-    return float(min(max(factor, 0.6), 1.1))
 
 
 def core_threshold_for_b(threshold_b1000: float, b_value: float) -> float:
