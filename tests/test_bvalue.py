@@ -4,6 +4,7 @@ hundreds of mL (issue 9)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,33 @@ def test_served_model_on_a_real_healthy_scan_at_high_b(b_new: float) -> None:
     assert analysis.findings.adc_core_volume_ml <= 1.0
     assert not analysis.assessment.validity.within
     assert any(f"b={b_new:g}" in reason for reason in analysis.assessment.validity.reasons)
+
+
+def test_high_b_experiment_writes_its_tables(tmp_path: Path) -> None:
+    """models.experiments.high_b: the scan's own b first (the real scan), then the simulated ones."""
+    from models.experiments import high_b
+
+    settings = load_settings()
+    assert high_b.main([str(REALDATA / "canon61_enh_3000"), "--model", str(settings.model_dir),
+                        "--b-values", "1000", "2500", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "high_b.json").read_text())["rows"]
+    assert [r["b_value"] for r in rows] == [1500.0, 2500.0]  # b=1000 is below the scan's own: skipped
+    assert rows[1]["brain_median_adc"] < rows[0]["brain_median_adc"]  # kurtosis: the ADC falls with b
+    assert all(r["lesion_ml"] <= 1.0 and r["adc_core_ml"] <= 1.0 for r in rows)
+    assert rows[0]["validity"] == "within" and rows[1]["validity"] == "outside"
+    assert "| canon61_enh_3000 |" in (tmp_path / "high_b.md").read_text()
+
+
+def test_case_summary_takes_medians_over_cases_with_a_lesion() -> None:
+    from models.experiments.high_b import case_summary
+
+    def row(b: float, truth: float, dice: float, tp: int) -> dict[str, float]:
+        return {"b_value": b, "truth_ml": truth, "dice": dice, "abs_volume_error_ml": 1.0 - dice,
+                "lesion_tp": tp, "lesion_fp": 0, "lesion_fn": 1 - tp}
+
+    rows = [row(1000, 2.0, 0.9, 1), row(1000, 1.0, 0.7, 1), row(1000, 0.0, 1.0, 0),
+            row(2500, 2.0, 0.8, 1), row(2500, 1.0, 0.0, 0), row(2500, 0.0, 1.0, 0)]
+    summary = case_summary(rows)
+    assert [s["b_value"] for s in summary] == [1000, 2500]
+    assert summary[0]["median_dice"] == 0.8 and summary[0]["cases_with_lesion"] == 2
+    assert summary[1]["median_dice"] == 0.4 and (summary[1]["lesion_tp"], summary[1]["lesion_fn"]) == (1, 1)
