@@ -10,7 +10,7 @@ configured and once with the guard off.  Every mL reported is a false positive.
 Usage::
 
     python -m models.experiments.high_b ../shared/realdata/healthy/* \\
-        --model models/zoo/unet2d-realanat/0.6.0 --b-values 2000 2500 --out runs/reports/high-b
+        --model models/zoo/unet2d-realanat/0.6.1 --b-values 2000 2500 --out runs/reports/high-b
 
 Prints one line per scan and b-value and writes ``high_b.json`` and ``high_b.md``.  The row at
 the scan's own b-value (no simulation) is always included as the reference.
@@ -21,7 +21,7 @@ With ``--cases`` (case folders with truth, e.g. lesions inserted into a held-out
 find a real-anatomy lesion when the scanner's b is not the one it was trained on?
 
     python -m models.experiments.high_b --cases runs/real/S3-canon \
-        --model models/zoo/unet2d-realanat/0.6.0 --b-values 2000 2500 --out runs/reports/high-b-S3
+        --model models/zoo/unet2d-realanat/0.6.1 --b-values 2000 2500 --out runs/reports/high-b-S3
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ does and what the guard removes.
 
 Usage::
 
-    python -m models.experiments.real_healthy --model models/zoo/unet2d-realanat/0.6.0 \\
-        ../shared/realdata/healthy/* --out runs/reports/healthy-0.6.0
+    python -m models.experiments.real_healthy --model models/zoo/unet2d-realanat/0.6.1 \\
+        ../shared/realdata/healthy/* --out runs/reports/healthy-0.6.1
 
 Prints one line per scan and writes ``healthy.json`` and ``healthy.md``.
 """

@@ -11,7 +11,7 @@ thresholded at every value given.
 
 Usage::
 
-    python -m models.experiments.threshold_sweep --model models/zoo/unet2d-realanat/0.6.0 \\
+    python -m models.experiments.threshold_sweep --model models/zoo/unet2d-realanat/0.6.1 \\
         --calibrate runs/ph/val --test runs/real/S3-canon --out runs/reports/threshold
 
 Prints one table per set and writes ``threshold.json``.
