@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,10 @@ def benchmark(bundle: Path, threads: int, repeats: int, study: Any) -> None:
     model = load_model(bundle, intra_op_threads=threads)
     median, best = _time(lambda: segment_lesion(loaded, model), repeats)
     print(f"  study    segment_lesion ({model.provider})  median {median:6.3f} s  min {best:6.3f} s")
+    # the same study labelled b=1500: a b1000eq profile then does its b-value work (v3: kurtosis)
+    at_1500 = replace(loaded, b_value=1500.0)
+    median, best = _time(lambda: segment_lesion(at_1500, model), repeats)
+    print(f"  study    segment_lesion, labelled b=1500           median {median:6.3f} s  min {best:6.3f} s")
     from service.assess import AssessOptions, assess
     from service.preprocess import HARMONISING_PROFILES, brain_mask
 

@@ -6,15 +6,15 @@
 #     FOLD   F1 (S1 Siemens held out), F2 (S2 Philips) or F3 (S3 Canon b=1500; the served fold)
 #     TAG    run name suffix: runs/models/FOLD-TAG, runs/bundles/FOLD-TAG, runs/reports/rules-FOLD-TAG
 #     EXTRA  extra `strokeseg train` options (the fine-tuning stage inherits the network)
-#   EPOCHS=16 FTE=10 PEAKS="0 0.8" PROFILE=b1000eq-median-adc-fixed-v3   environment overrides
-#     (0.6.0 was trained with PROFILE=b1000eq-median-adc-fixed-v2; v3 differs only for studies whose
-#     b is not about 1000, here subject S3 at b=1500)
+#   EPOCHS=16 FTE=10 PEAKS="0 0.8" PROFILE=b1000eq-median-adc-fixed-v2   environment overrides
+#     (the served network was trained with v2 and is served with v3; the two differ only for studies
+#     whose b is not about 1000, here subject S3 at b=1500: models/README.md, 0.6.0 -> 0.6.1)
 # About 20 min per fold at width 16 on 2 CPU cores (48 s per epoch), 8 min at width 8.
 set -e
 cd "$(dirname "$0")/../.."
 S=.venv/bin/strokeseg
 F=$1; TAG=$2; EXTRA=${3:-}; EPOCHS=${EPOCHS:-16}; FTE=${FTE:-10}; PEAKS=${PEAKS:-"0 0.8"}
-PROFILE=${PROFILE:-b1000eq-median-adc-fixed-v3}
+PROFILE=${PROFILE:-b1000eq-median-adc-fixed-v2}
 PH="runs/ph/mixed-train runs/ph/A-train runs/ph/B-train runs/ph/C-train"
 S1="runs/real/S1-siemens-hfs runs/real/S1-siemens-hfdr runs/real/S1-siemens-hfp runs/real/S1-siemens-hfdl"
 case $F in
