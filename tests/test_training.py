@@ -291,3 +291,33 @@ def test_per_slice_dice_weighs_a_missed_small_lesion_like_a_large_one() -> None:
     loss = per_slice_dice_loss(empty, torch.zeros(2, 1, 8, 8))
     loss.backward()
     assert float(loss) == 0.0 and empty.grad is not None
+
+
+def test_ensemble_bundle_serves_the_mean_of_its_members(tmp_path: Path) -> None:
+    """models.experiments.ensemble_bundle: one graph, the mean of the members' probabilities."""
+    from models.experiments.ensemble_bundle import main as ensemble_main
+
+    checkpoints = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        net = build_network("unet2d", width_config("unet2d", 4))
+        path = tmp_path / f"m{seed}" / "best.pt"
+        path.parent.mkdir()
+        torch.save({"architecture": "unet2d", "config": width_config("unet2d", 4), "state_dict": net.state_dict(),
+                    "meta": {"grid": {"matrix": [64, 64], "pixel_spacing_mm": [3.6, 3.6]}}}, path)
+        _strokeseg("export", path, "--out", tmp_path / f"b{seed}", "--test-time-augmentation", "flip_columns")
+        checkpoints.append(path)
+    ensemble_main([str(tmp_path / "b5"), str(tmp_path / "ens"), *map(str, checkpoints)])
+    x = np.random.default_rng(2).uniform(0, 2, size=(3, 2, 64, 64)).astype(np.float32)
+
+    def network(bundle: Path) -> np.ndarray:
+        model = load_model(bundle)
+        (prob,) = model.session.run(["probability"], {"image": x})
+        return np.asarray(prob)
+
+    ensemble = load_model(tmp_path / "ens")  # the card's checksum matches the new graph
+    assert ensemble.card.test_time_augmentation == ("flip_columns",)
+    assert ensemble.card.version.endswith("-ensemble2")
+    members = [network(tmp_path / "b5"), network(tmp_path / "b6")]
+    assert float(np.abs(members[0] - members[1]).max()) > 1e-3
+    np.testing.assert_allclose(network(tmp_path / "ens"), (members[0] + members[1]) / 2, atol=1e-5)
