@@ -398,7 +398,8 @@ def insert(
     """Insert simulated acute infarcts into real healthy studies: real anatomy, noise and artefacts, known truth.
 
     Each lesion is drawn in a vascular territory (MCA, ACA, PCA, lacunar, brainstem,
-    cerebellar, multiple emboli) on the MNI152 anatomy registered to the subject; inside it
+    cerebellar, multiple emboli) on the MNI152 anatomy registered to the subject, and kept to
+    the subject's own tissue (its brain mask and the tissue share of its ADC); inside it
     the ADC falls to 0.25-0.6 x 1e-3 mm2/s and T2 rises 5-30 %, with partial volume at the
     edges. Every b0, directional, trace and ADC image is edited in its own pixel values and
     DICOM convention (the change is added; the scan's noise is kept), with new UIDs, so the

@@ -1,6 +1,6 @@
 """Export a trained U-Net to ONNX, check parity, and write the model bundle.
 
-    strokeseg export runs/unet2d/best.pt --out models/zoo/unet2d-realanat/0.6.1 [--metrics m.json]
+    strokeseg export runs/unet2d/best.pt --out models/zoo/unet2d-realanat/0.7.0 [--metrics m.json]
 
 The bundle is what ``service.inference`` loads: ``model.onnx`` (input
 ``image`` (slices, 2, H, W) float32, output ``probability`` (slices, 1, H, W)

@@ -25,7 +25,7 @@ from pydantic_settings import (
 from service.errors import ConfigError
 from service.preprocess.profiles import ProfileOptions, VendorWindow, VendorWindows, Window
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-realanat" / "0.6.1"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo" / "unet2d-realanat" / "0.7.0"
 
 _config_file: ContextVar[Path | None] = ContextVar("strokeseg_config_file", default=None)
 

@@ -94,7 +94,7 @@ def test_every_metric_the_rules_use_is_exported_by_a_running_service(
             text = pages()
             assert re.search(r"^strokeseg_result_latency_seconds_count\{destination=\"pacs\"\} 1\.0$", text,
                              re.MULTILINE), text
-            assert re.search(r'^strokeseg_model_info\{name="unet2d-realanat",provider="CPUExecutionProvider",version="0.6.1"\} 1\.0$',
+            assert re.search(r'^strokeseg_model_info\{name="unet2d-realanat",provider="CPUExecutionProvider",version="0.7.0"\} 1\.0$',
                              text, re.MULTILINE), text
             assert serve.stop() == 0, serve.output()
 

@@ -163,16 +163,15 @@ def test_a_small_brainstem_infarct_on_real_anatomy_is_not_inflated(scan: Path, t
 
     Four small brainstem lesions (seeds 40-43, 0.15-1.1 mL of truth in the subject's tissue) are
     inserted into each real scan.  None may be inflated: the reported volume and the ADC core
-    stay within 1 mL of the truth, and nothing is reported away from the lesion.  The served
-    model must find at least one of the four on each scan; it does not find them all, and that
-    is measured, not hidden: on the Siemens scan (4 mm slices) 0.6.1 finds only seed 43 (0.35 mL;
-    seed 41, 0.92 mL at ADC 0.55e-3 and T2 +14 %, peaks at probability 0.59, under the card's
-    0.8 component rule), on the Canon scan seeds 41-43 (models/README.md, "Limitations").
+    stay within 1 mL of the truth, and nothing is reported away from the lesion.  Every lesion
+    of at least 0.3 mL must be found.  The smaller ones (0.16-0.20 mL: seeds 40 and 42 on the
+    Siemens scan, 40 on the Canon scan, 6-13 voxels) 0.7.0 misses, and that is measured, not
+    hidden (models/README.md); 0.6.1 also missed seed 41 on the Siemens scan (0.92 mL, peak
+    probability 0.59, under the card's 0.8 component rule).
     """
     source = SourceStudy(_files(scan), subject="test")
     settings = load_settings()
     model = load_model(settings.model_dir, intra_op_threads=2)
-    found = 0
     for seed in (40, 41, 42, 43):
         case = tmp_path / f"case{seed}"
         record = source.write_case(
@@ -188,7 +187,7 @@ def test_a_small_brainstem_infarct_on_real_anatomy_is_not_inflated(scan: Path, t
         assert reported <= record["truth_volume_ml"] + 1.0, (seed, record["truth_volume_ml"], reported)
         assert result.findings is not None and result.findings.adc_core_volume_ml <= record["truth_volume_ml"] + 1.0
         mask = result.segmentation.mask
-        found += int((mask & truth).sum() > 0)
+        if record["truth_volume_ml"] >= 0.3:
+            assert (mask & truth).sum() > 0, (seed, record["truth_volume_ml"], reported)
         # nothing reported away from the inserted lesion
         assert (mask & ~ndimage.binary_dilation(truth, iterations=3)).sum() * source.study.dwi.voxel_volume_ml <= 0.5
-    assert found >= 1
